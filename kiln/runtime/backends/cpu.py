@@ -1,0 +1,118 @@
+"""CPU execution: the paged KV cache as plain tensors, attention from torch ops.
+
+Decodes are batched into one scaled_dot_product_attention call per layer: each sequence's
+context is gathered from its blocks into a padded [B, L] view with a padding mask. The query
+heads of a GQA group are laid out as several queries against their one KV head, so K/V are
+never repeated. Prefills (and prefill chunks) attend one sequence at a time, with a causal
+mask offset by the cached context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .base import AttentionMetadata
+
+
+@dataclass
+class _PrefillPlan:
+    start: int
+    length: int
+    gather: torch.Tensor | None  # cache slots of the whole context; None: no cached prefix
+    mask: torch.Tensor | None  # [len*group, context] bool, None: plain causal
+
+
+@dataclass
+class CpuStepState:
+    slot_mapping: torch.Tensor
+    num_decode: int
+    decode_gather: torch.Tensor | None  # [Bd, L]
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, L] bool, True = attend
+    prefills: list[_PrefillPlan]
+
+
+class CpuBackend:
+    name = "cpu"
+
+    def __init__(self, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.group = num_heads // num_kv_heads
+        self.block_size = block_size
+        self.scale = head_dim ** -0.5
+        # [layer, k|v, slot, kv head, head dim]; pages are touched lazily by the OS.
+        self.kv = torch.zeros(num_layers, 2, num_blocks * block_size, num_kv_heads, head_dim, dtype=dtype)
+
+    def prepare(self, meta: AttentionMetadata) -> CpuStepState:
+        """Work shared by all layers of a step: gather indices and masks."""
+        bs = self.block_size
+        decode_gather = decode_mask = None
+        if meta.num_decode:
+            lens = meta.decode_context_lens
+            max_len = int(lens.max())
+            offsets = torch.arange(bs)
+            slots = (meta.decode_block_tables.unsqueeze(-1) * bs + offsets).flatten(1)
+            decode_gather = slots[:, :max_len].contiguous()
+            decode_mask = (torch.arange(max_len) < lens.unsqueeze(1)).view(-1, 1, 1, max_len)
+        plans = []
+        for p in meta.prefills:
+            if p.context_len == p.query_len:
+                plans.append(_PrefillPlan(p.query_start, p.query_len, None, None))
+                continue
+            slots = (p.block_ids.unsqueeze(-1) * bs + torch.arange(bs)).flatten()[: p.context_len]
+            cached = p.context_len - p.query_len
+            q_pos = torch.arange(p.query_len).unsqueeze(1) + cached
+            mask = torch.arange(p.context_len).unsqueeze(0) <= q_pos  # [len, ctx]
+            plans.append(
+                _PrefillPlan(p.query_start, p.query_len, slots,
+                             mask.repeat_interleave(self.group, dim=0))
+            )
+        return CpuStepState(meta.slot_mapping, meta.num_decode, decode_gather, decode_mask, plans)
+
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  state: CpuStepState) -> torch.Tensor:
+        """q [T, H, D], k/v [T, Hkv, D] -> [T, H*D]."""
+        k_cache, v_cache = self.kv[layer, 0], self.kv[layer, 1]
+        k_cache.index_copy_(0, state.slot_mapping, k)
+        v_cache.index_copy_(0, state.slot_mapping, v)
+        T = q.shape[0]
+        Hkv, G, D = self.num_kv_heads, self.group, self.head_dim
+        out = torch.empty(T, Hkv, G, D, dtype=q.dtype)
+        nd = state.num_decode
+        if nd:
+            qd = q[:nd].view(nd, Hkv, G, D)
+            kd = k_cache[state.decode_gather].transpose(1, 2)  # [B, Hkv, L, D]
+            vd = v_cache[state.decode_gather].transpose(1, 2)
+            out[:nd] = F.scaled_dot_product_attention(
+                qd, kd, vd, attn_mask=state.decode_mask, scale=self.scale
+            )
+        for p in state.prefills:
+            s, n = p.start, p.length
+            # [n, Hkv, G, D] -> [Hkv, n*G, D]: query rows ordered (position, group member)
+            qp = q[s:s + n].view(n, Hkv, G, D).transpose(0, 1).reshape(Hkv, n * G, D)
+            if p.gather is None:
+                kp, vp = k[s:s + n].transpose(0, 1), v[s:s + n].transpose(0, 1)
+                mask = _causal_group_mask(n, G)
+            else:
+                kp, vp = k_cache[p.gather].transpose(0, 1), v_cache[p.gather].transpose(0, 1)
+                mask = p.mask
+            o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=self.scale)
+            out[s:s + n] = o.view(Hkv, n, G, D).transpose(0, 1)
+        return out.view(T, Hkv * G * D)
+
+
+_mask_cache: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _causal_group_mask(n: int, group: int) -> torch.Tensor:
+    key = (n, group)
+    mask = _mask_cache.get(key)
+    if mask is None:
+        mask = torch.ones(n, n, dtype=torch.bool).tril().repeat_interleave(group, dim=0)
+        if len(_mask_cache) > 64:
+            _mask_cache.clear()
+        _mask_cache[key] = mask
+    return mask

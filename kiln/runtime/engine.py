@@ -1,0 +1,384 @@
+"""The engine: one step = schedule -> run the model -> sample -> detokenize and stop.
+
+`Engine` is synchronous and single-threaded. `AsyncEngine` runs it in its own thread and
+gives every request an asyncio stream of deltas; cancelling the stream aborts the request
+and frees its blocks at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from ..config import EngineConfig
+from .backends.base import kv_bytes_per_block
+from .backends.cpu import CpuBackend
+from .detokenizer import IncrementalDetokenizer
+from .kv_cache import BlockPool
+from .model_runner import ModelRunner
+from .models.llama import LlamaForCausalLM
+from .models.loader import ModelConfig, resolve_model
+from .request import FinishReason, Request, RequestOutput, SamplingParams, TokenLogprob
+from .sampler import SamplerRow, sample
+from .scheduler import Scheduler, SchedulerConfig, Sequence
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_blocks: int
+    num_free_blocks: int
+    kv_cache_usage: float
+    prefix_cache_queries: int  # prompt tokens looked up
+    prefix_cache_hits: int  # of those, tokens found in the cache
+    num_preemptions: int
+    num_steps: int
+    forward_seconds: float  # cumulative time in the model forward
+    step_seconds: float  # cumulative time in whole steps
+
+
+class _Tracked:
+    """A sequence plus its output-side state."""
+
+    __slots__ = ("seq", "detok", "stop_ids", "emitted_tokens")
+
+    def __init__(self, seq: Sequence, detok: IncrementalDetokenizer, stop_ids: frozenset[int]) -> None:
+        self.seq = seq
+        self.detok = detok
+        self.stop_ids = stop_ids
+        self.emitted_tokens = 0
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        config.validate()
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.model_path = resolve_model(config.model)
+        self.model_config = ModelConfig.from_folder(self.model_path)
+        mc = self.model_config
+        self.model_name = config.served_model_name or (
+            "SmolLM2-135M-Instruct" if config.model == "default" else self.model_path.name
+        )
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.tokenizer = Tokenizer(self.model_path)
+        dtype = config.torch_dtype
+        self.model = LlamaForCausalLM.from_folder(self.model_path, dtype, max_positions=self.max_model_len)
+        self.model.eval()
+
+        per_block = kv_bytes_per_block(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size, dtype)
+        budget = config.kv_cache_bytes or int(psutil.virtual_memory().available * config.kv_cache_memory_fraction)
+        num_blocks = budget // per_block
+        if num_blocks < 1:
+            raise ValueError(f"KV budget of {budget} bytes is smaller than one block ({per_block} bytes)")
+        self.backend = CpuBackend(mc.num_layers, mc.num_heads, mc.num_kv_heads, mc.head_dim,
+                                  num_blocks, config.block_size, dtype)
+        self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs), self.pool
+        )
+        self.runner = ModelRunner(self.model, self.backend, config.block_size)
+        self._tracked: dict[str, _Tracked] = {}
+        self._eos = frozenset(mc.eos_token_ids)
+        self.num_steps = 0
+        self.forward_seconds = 0.0
+        self.step_seconds = 0.0
+        log.info(
+            "engine ready: model=%s dtype=%s kv_blocks=%d x %d tokens (%.0f MiB) max_model_len=%d",
+            self.model_name, config.dtype, num_blocks, config.block_size,
+            num_blocks * per_block / 2**20, self.max_model_len,
+        )
+
+    # -- requests ---------------------------------------------------------------------
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError (a client error) if the request can never be served."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {n} tokens, but this model's context is {self.max_model_len} "
+                f"tokens and at least one must be left to generate"
+            )
+        if n + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+                f"model's context of {self.max_model_len} tokens"
+            )
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        self.scheduler.check_fits(n, params.max_tokens)
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self._tracked:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        params = request.params
+        params.validate()
+        self.check_request(request.prompt_token_ids, params)
+        seq = Sequence(request, list(request.prompt_token_ids), len(request.prompt_token_ids))
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._eos)
+        detok = IncrementalDetokenizer(
+            self.tokenizer.backend,
+            stop=params.stop,
+            include_stop_str_in_output=params.include_stop_str_in_output,
+            skip_special_tokens=params.skip_special_tokens,
+        )
+        self.scheduler.add(seq)
+        self._tracked[request.request_id] = _Tracked(seq, detok, stop_ids)
+
+    def abort(self, request_id: str) -> bool:
+        tracked = self._tracked.pop(request_id, None)
+        if tracked is None:
+            return False
+        self.scheduler.finish(tracked.seq)
+        return True
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._tracked)
+
+    # -- the step ---------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        result = self.runner.execute(batch)
+        self.scheduler.after_step(batch)
+        outputs: list[RequestOutput] = []
+        if result.sampled:
+            rows = [
+                SamplerRow(s.request.params, s.token_ids[: s.num_prompt_tokens], s.output_token_ids)
+                for s in result.sampled
+            ]
+            sampled = sample(result.logits, rows)
+            for seq, token, logprob in zip(result.sampled, sampled.token_ids, sampled.logprobs):
+                outputs.append(self._append_token(seq, token, logprob))
+        self.num_steps += 1
+        self.forward_seconds += result.forward_seconds
+        self.step_seconds += time.perf_counter() - t0
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
+        tracked = self._tracked[seq.request_id]
+        params = seq.request.params
+        seq.token_ids.append(token)
+        finish: FinishReason | None = None
+        stop_reason: str | int | None = None
+        text = ""
+        if token in tracked.stop_ids:
+            finish = FinishReason.STOP
+            stop_reason = None if token in self._eos and token not in params.stop_token_ids else token
+        else:
+            step = tracked.detok.add_tokens((token,))
+            text = step.text
+            if step.stop is not None:
+                finish, stop_reason = FinishReason.STOP, step.stop
+        num_generated = seq.num_tokens - seq.num_prompt_tokens
+        if finish is None and (num_generated >= params.max_tokens or seq.num_tokens >= self.max_model_len):
+            finish = FinishReason.LENGTH
+        if finish is not None and not isinstance(stop_reason, str):
+            text += tracked.detok.flush()
+        out = RequestOutput(
+            request_id=seq.request_id,
+            new_text=text,
+            new_token_ids=[token],
+            new_logprobs=[logprob] if logprob is not None else None,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_generated_tokens=num_generated,
+            finished=finish is not None,
+            finish_reason=finish,
+            stop_reason=stop_reason,
+            num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
+        )
+        if finish is not None:
+            del self._tracked[seq.request_id]
+            self.scheduler.finish(seq)
+        return out
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_blocks=self.pool.num_blocks,
+            num_free_blocks=self.pool.num_free,
+            kv_cache_usage=self.pool.usage,
+            prefix_cache_queries=self.pool.prefix_queries,
+            prefix_cache_hits=self.pool.prefix_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_steps=self.num_steps,
+            forward_seconds=self.forward_seconds,
+            step_seconds=self.step_seconds,
+        )
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """End every request with an error (after an internal failure), freeing all blocks."""
+        outs = []
+        for request_id, tracked in list(self._tracked.items()):
+            seq = tracked.seq
+            self.abort(request_id)
+            outs.append(RequestOutput(
+                request_id, "", [], None, seq.num_prompt_tokens,
+                seq.num_tokens - seq.num_prompt_tokens, True, FinishReason.ERROR, error=message,
+            ))
+        return outs
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Offline batch generation: all prompts at once, returns the generated token ids."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = []
+        for i, (prompt, p) in enumerate(zip(prompts, params_list)):
+            request = Request(f"offline-{i}-{time.monotonic_ns()}", prompt, p)
+            self.add_request(request)
+            ids.append(request.request_id)
+        results: dict[str, list[int]] = {i: [] for i in ids}
+        while self.has_work:
+            for out in self.step():
+                results[out.request_id].extend(out.new_token_ids)
+        return [results[i] for i in ids]
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class AsyncEngine:
+    """Runs an Engine in a background thread; requests are asyncio streams of deltas."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._adds: list[Request] = []
+        self._aborts: list[str] = []
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="kiln-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        params.validate()
+        self.engine.check_request(prompt_token_ids, params)
+
+    async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
+        """Stream deltas for a request. Raises ValueError before the first delta if the
+        request is invalid. Leaving the iteration early aborts the request."""
+        if not self.is_alive:
+            raise EngineDeadError("the engine loop is not running")
+        self.check_request(request.prompt_token_ids, request.params)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[request.request_id] = (asyncio.get_running_loop(), queue)
+        with self._lock:
+            self._adds.append(request)
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request.request_id, None)
+            if not finished:
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.append(request_id)
+        self._wake.set()
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    # -- the engine thread ----------------------------------------------------------
+
+    def _deliver(self, outputs: list[RequestOutput | tuple[str, Exception]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outputs:
+            request_id, item = (out.request_id, out) if isinstance(out, RequestOutput) else out
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                by_loop.setdefault(stream[0], []).append((stream[1], item))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the loop is closed
+                pass
+
+    def _loop(self) -> None:
+        engine = self.engine
+        with torch.inference_mode():
+            while not self._stop:
+                with self._lock:
+                    adds, self._adds = self._adds, []
+                    aborts, self._aborts = self._aborts, []
+                errors = []
+                for request in adds:
+                    try:
+                        engine.add_request(request)
+                    except ValueError as exc:
+                        errors.append((request.request_id, exc))
+                for request_id in aborts:
+                    engine.abort(request_id)
+                if errors:
+                    self._deliver(errors)
+                if not engine.has_work:
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                try:
+                    outputs = engine.step()
+                except Exception:  # never let one bad step kill the server
+                    log.exception("engine step failed; failing the requests in flight")
+                    outputs = engine.fail_all("internal error in the engine step")
+                if outputs:
+                    self._deliver(outputs)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)

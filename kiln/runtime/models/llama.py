@@ -1,0 +1,177 @@
+"""Llama-family decoder (Llama 2/3, Mistral, SmolLM2, TinyLlama): RMSNorm, RoPE, SwiGLU,
+grouped-query attention whose K/V live in the paged cache.
+
+The model works on a flat batch: every scheduled token of every sequence side by side
+([T] ids and positions). Attention is delegated to the backend, which knows the cache layout.
+q/k/v and gate/up projections are fused into one matmul each (fewer, larger GEMMs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from .layers import Linear, RMSNorm, RotaryEmbedding, silu_and_mul
+from .loader import ModelConfig, iter_safetensors
+
+
+class AttentionBackend(Protocol):
+    def attention(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any
+    ) -> torch.Tensor:
+        """Store k/v of the new tokens in the cache and return attention output [T, Hq*D]."""
+        ...
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rope: RotaryEmbedding,
+        backend: AttentionBackend,
+        meta: Any,
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = rope(
+            positions,
+            q.view(T, self.num_heads, self.head_dim),
+            k.view(T, self.num_kv_heads, self.head_dim),
+        )
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        return self.o_proj(backend.attention(self.layer, q, k, v, meta))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int | None = None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rope = RotaryEmbedding(
+            cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope_theta
+        )
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        backend: AttentionBackend,
+        meta: Any,
+        logits_indices: torch.Tensor,
+    ) -> torch.Tensor:
+        """Run the flat batch; return float32 logits [len(logits_indices), vocab] of the
+        tokens that are sampled (the last scheduled token of each sequence)."""
+        h = self.embed_tokens(input_ids)
+        residual = h
+        for layer in self.layers:
+            x = layer.input_layernorm(residual)
+            residual = residual + layer.self_attn(x, positions, self.rope, backend, meta)
+            x = layer.post_attention_layernorm(residual)
+            residual = residual + layer.mlp(x)
+        h = self.norm(residual[logits_indices])
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(h, weight).float()
+
+    @classmethod
+    def from_folder(
+        cls, folder: Path, dtype: torch.dtype = torch.float32, max_positions: int | None = None
+    ) -> "LlamaForCausalLM":
+        cfg = ModelConfig.from_folder(folder)
+        with torch.device("meta"):
+            model = cls(cfg, max_positions)
+        model.to_empty(device="cpu")
+        # Buffers were on meta: rebuild RoPE tables for real.
+        model.rope = RotaryEmbedding(cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope_theta)
+        load_weights(model, iter_safetensors(folder), dtype)
+        return model
+
+
+# Checkpoint tensors that are fused into one kiln parameter, and their order.
+_FUSED = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", 0),
+    "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+    "self_attn.v_proj": ("self_attn.qkv_proj", 2),
+    "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+    "mlp.up_proj": ("mlp.gate_up_proj", 1),
+}
+
+
+def load_weights(model: LlamaForCausalLM, tensors, dtype: torch.dtype) -> None:
+    """Copy checkpoint tensors (Hugging Face names) into the model, fusing q/k/v and
+    gate/up; fail loudly on a missing or unexpected tensor or a shape mismatch."""
+    params = dict(model.named_parameters())
+    pending: dict[str, dict[int, torch.Tensor]] = {}
+    loaded: set[str] = set()
+    for name, tensor in tensors:
+        name = name.removeprefix("model.")
+        if name == "lm_head.weight" and model.lm_head is None:
+            continue  # tied to the embedding
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        target = name
+        for src, (dst, index) in _FUSED.items():
+            if f".{src}." in f".{name}":
+                target = name.replace(src, dst)
+                parts = pending.setdefault(target, {})
+                parts[index] = tensor
+                expected = 3 if "qkv" in dst else 2
+                if len(parts) < expected:
+                    target = None
+                else:
+                    tensor = torch.cat([parts[i] for i in range(expected)], dim=0)
+                    del pending[target]
+                break
+        if target is None:
+            continue
+        if target not in params:
+            raise ValueError(f"unexpected tensor {name!r} in checkpoint")
+        param = params[target]
+        if tuple(param.shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"shape mismatch for {name!r}: checkpoint {tuple(tensor.shape)}, model {tuple(param.shape)}"
+            )
+        param.data.copy_(tensor.to(param.dtype))
+        loaded.add(target)
+    missing = set(params) - loaded
+    if missing or pending:
+        raise ValueError(f"checkpoint is missing tensors: {sorted(missing | set(pending))[:8]}")
+    model.to(dtype)
+    model.rope.cos = model.rope.cos.float()
+    model.rope.sin = model.rope.sin.float()
