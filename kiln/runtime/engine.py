@@ -48,6 +48,17 @@ class EngineStats:
     step_seconds: float  # cumulative time in whole steps
 
 
+@dataclass
+class StepTiming:
+    """Where the last step's time went (for benchmarks and profiling)."""
+
+    num_seqs: int
+    num_decode: int  # sequences computing exactly one token
+    num_tokens: int
+    forward_seconds: float
+    total_seconds: float
+
+
 class _Tracked:
     """A sequence plus its output-side state."""
 
@@ -85,6 +96,7 @@ class Engine:
             raise ValueError(f"KV budget of {budget} bytes is smaller than one block ({per_block} bytes)")
         self.backend = CpuBackend(mc.num_layers, mc.num_heads, mc.num_kv_heads, mc.head_dim,
                                   num_blocks, config.block_size, dtype)
+        self.backend.prepare_model(self.model)
         self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs), self.pool
@@ -95,6 +107,7 @@ class Engine:
         self.num_steps = 0
         self.forward_seconds = 0.0
         self.step_seconds = 0.0
+        self.last_step: StepTiming | None = None
         log.info(
             "engine ready: model=%s dtype=%s kv_blocks=%d x %d tokens (%.0f MiB) max_model_len=%d",
             self.model_name, config.dtype, num_blocks, config.block_size,
@@ -173,9 +186,14 @@ class Engine:
             sampled = sample(result.logits, rows)
             for seq, token, logprob in zip(result.sampled, sampled.token_ids, sampled.logprobs):
                 outputs.append(self._append_token(seq, token, logprob))
+        total = time.perf_counter() - t0
         self.num_steps += 1
         self.forward_seconds += result.forward_seconds
-        self.step_seconds += time.perf_counter() - t0
+        self.step_seconds += total
+        self.last_step = StepTiming(
+            len(batch.seqs), sum(1 for n in batch.num_new_tokens if n == 1),
+            sum(batch.num_new_tokens), result.forward_seconds, total,
+        )
         return outputs
 
     def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:

@@ -38,6 +38,8 @@ class ModelRunner:
                 decodes.append(seq)
             else:
                 prefills.append((seq, n))
+        # Longest context first: the backend pads decodes in groups of similar length.
+        decodes.sort(key=lambda s: s.num_computed_tokens, reverse=True)
 
         ids: list[int] = []
         positions: list[int] = []

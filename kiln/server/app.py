@@ -47,12 +47,42 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = errors[0]
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc, tags = _split_loc(first.get("loc", ()))
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid value")
     if first.get("type") == "missing":
+        if param is None:
+            return "the request body is missing; send a JSON object", None
         msg = "field required"
+    if tags:
+        # A union field (e.g. `prompt`): pydantic reports one error per accepted type and
+        # tags each location with the type; name the field itself and list what it accepts.
+        accepted = []
+        for err in errors:
+            err_loc, err_tags = _split_loc(err.get("loc", ()))
+            if err_loc == loc and err_tags and err_tags[0] not in accepted:
+                accepted.append(err_tags[0])
+        msg = f"{msg} (accepted: {', '.join(accepted)})"
     return (f"{param}: {msg}" if param else msg), param
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _split_loc(raw) -> tuple[list[str], list[str]]:
+    """Split a pydantic error location into the field path and the union-member tags
+    pydantic inserts into it (`str`, `list[int]`, `function-after[...]`)."""
+    loc: list[str] = []
+    tags: list[str] = []
+    for part in raw:
+        if part == "body" and not loc:
+            continue
+        if isinstance(part, str) and (part in _TYPE_TAGS or "[" in part):
+            tags.append(part)
+            continue
+        if not tags:
+            loc.append(str(part))
+    return loc, tags
 
 
 def create_app(state: ServerState | None = None) -> FastAPI:

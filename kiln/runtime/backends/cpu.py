@@ -26,12 +26,25 @@ class _PrefillPlan:
 
 
 @dataclass
+class _DecodeGroup:
+    start: int  # rows [start, end) of the flat batch
+    end: int
+    block_tables: torch.Tensor  # [rows, blocks]
+    mask: torch.Tensor  # [rows, 1, 1, blocks * block_size] bool, True = attend
+
+
+@dataclass
 class CpuStepState:
     slot_mapping: torch.Tensor
     num_decode: int
-    decode_gather: torch.Tensor | None  # [Bd, L]
-    decode_mask: torch.Tensor | None  # [Bd, 1, 1, L] bool, True = attend
+    decode_groups: list[_DecodeGroup]
     prefills: list[_PrefillPlan]
+
+
+# Decodes are padded to the longest context of their group; the model runner sorts them by
+# length, so a few groups of consecutive rows cut most of the padding.
+_DECODE_GROUPS = 4
+_MIN_GROUP = 8
 
 
 class CpuBackend:
@@ -46,17 +59,33 @@ class CpuBackend:
         # [layer, k|v, slot, kv head, head dim]; pages are touched lazily by the OS.
         self.kv = torch.zeros(num_layers, 2, num_blocks * block_size, num_kv_heads, head_dim, dtype=dtype)
 
+    def prepare_model(self, model: torch.nn.Module) -> None:
+        """Prepack float32 linear weights for oneDNN where it is available."""
+        from ..models.layers import Linear
+
+        if not torch.backends.mkldnn.is_available():
+            return
+        for module in model.modules():
+            if isinstance(module, Linear) and module.weight is not None and module.weight.dtype == torch.float32:
+                module.pack_mkldnn()
+
     def prepare(self, meta: AttentionMetadata) -> CpuStepState:
         """Work shared by all layers of a step: gather indices and masks."""
         bs = self.block_size
-        decode_gather = decode_mask = None
-        if meta.num_decode:
+        groups = []
+        nd = meta.num_decode
+        if nd:
             lens = meta.decode_context_lens
-            max_len = int(lens.max())
-            offsets = torch.arange(bs)
-            slots = (meta.decode_block_tables.unsqueeze(-1) * bs + offsets).flatten(1)
-            decode_gather = slots[:, :max_len].contiguous()
-            decode_mask = (torch.arange(max_len) < lens.unsqueeze(1)).view(-1, 1, 1, max_len)
+            n_groups = max(1, min(_DECODE_GROUPS, nd // _MIN_GROUP))
+            bounds = [round(i * nd / n_groups) for i in range(n_groups + 1)]
+            for start, end in zip(bounds, bounds[1:]):
+                group_lens = lens[start:end]
+                blocks = -(-int(group_lens.max()) // bs)
+                mask = torch.arange(blocks * bs) < group_lens.unsqueeze(1)
+                groups.append(_DecodeGroup(
+                    start, end, meta.decode_block_tables[start:end, :blocks].contiguous(),
+                    mask.view(end - start, 1, 1, blocks * bs),
+                ))
         plans = []
         for p in meta.prefills:
             if p.context_len == p.query_len:
@@ -70,7 +99,7 @@ class CpuBackend:
                 _PrefillPlan(p.query_start, p.query_len, slots,
                              mask.repeat_interleave(self.group, dim=0))
             )
-        return CpuStepState(meta.slot_mapping, meta.num_decode, decode_gather, decode_mask, plans)
+        return CpuStepState(meta.slot_mapping, nd, groups, plans)
 
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   state: CpuStepState) -> torch.Tensor:
@@ -81,13 +110,16 @@ class CpuBackend:
         T = q.shape[0]
         Hkv, G, D = self.num_kv_heads, self.group, self.head_dim
         out = torch.empty(T, Hkv, G, D, dtype=q.dtype)
-        nd = state.num_decode
-        if nd:
-            qd = q[:nd].view(nd, Hkv, G, D)
-            kd = k_cache[state.decode_gather].transpose(1, 2)  # [B, Hkv, L, D]
-            vd = v_cache[state.decode_gather].transpose(1, 2)
-            out[:nd] = F.scaled_dot_product_attention(
-                qd, kd, vd, attn_mask=state.decode_mask, scale=self.scale
+        bs = self.block_size
+        k_blocks = k_cache.view(-1, bs, Hkv, D)
+        v_blocks = v_cache.view(-1, bs, Hkv, D)
+        for g in state.decode_groups:
+            rows, width = g.end - g.start, g.mask.shape[-1]
+            # Whole blocks are gathered (contiguous copies), then viewed as one context.
+            kd = k_blocks[g.block_tables].view(rows, width, Hkv, D).transpose(1, 2)
+            vd = v_blocks[g.block_tables].view(rows, width, Hkv, D).transpose(1, 2)
+            out[g.start:g.end] = F.scaled_dot_product_attention(
+                q[g.start:g.end].view(rows, Hkv, G, D), kd, vd, attn_mask=g.mask, scale=self.scale
             )
         for p in state.prefills:
             s, n = p.start, p.length

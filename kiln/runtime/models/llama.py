@@ -85,7 +85,7 @@ class LlamaForCausalLM(nn.Module):
         self.rope = RotaryEmbedding(
             cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope_theta
         )
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
 
     @torch.inference_mode()
     def forward(
@@ -105,9 +105,7 @@ class LlamaForCausalLM(nn.Module):
             residual = residual + layer.self_attn(x, positions, self.rope, backend, meta)
             x = layer.post_attention_layernorm(residual)
             residual = residual + layer.mlp(x)
-        h = self.norm(residual[logits_indices])
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(h, weight).float()
+        return self.lm_head(self.norm(residual[logits_indices])).float()
 
     @classmethod
     def from_folder(
@@ -136,12 +134,14 @@ _FUSED = {
 def load_weights(model: LlamaForCausalLM, tensors, dtype: torch.dtype) -> None:
     """Copy checkpoint tensors (Hugging Face names) into the model, fusing q/k/v and
     gate/up; fail loudly on a missing or unexpected tensor or a shape mismatch."""
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
     params = dict(model.named_parameters())
     pending: dict[str, dict[int, torch.Tensor]] = {}
     loaded: set[str] = set()
     for name, tensor in tensors:
         name = name.removeprefix("model.")
-        if name == "lm_head.weight" and model.lm_head is None:
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
             continue  # tied to the embedding
         if name.endswith("rotary_emb.inv_freq"):
             continue
