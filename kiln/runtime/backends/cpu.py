@@ -29,7 +29,7 @@ class _PrefillPlan:
 class _DecodeGroup:
     start: int  # rows [start, end) of the flat batch
     end: int
-    block_tables: torch.Tensor  # [rows, blocks]
+    block_ids: torch.Tensor  # [rows * blocks]: each row's block table, padded, flattened
     mask: torch.Tensor  # [rows, 1, 1, blocks * block_size] bool, True = attend
 
 
@@ -83,7 +83,7 @@ class CpuBackend:
                 blocks = -(-int(group_lens.max()) // bs)
                 mask = torch.arange(blocks * bs) < group_lens.unsqueeze(1)
                 groups.append(_DecodeGroup(
-                    start, end, meta.decode_block_tables[start:end, :blocks].contiguous(),
+                    start, end, meta.decode_block_tables[start:end, :blocks].flatten(),
                     mask.view(end - start, 1, 1, blocks * bs),
                 ))
         plans = []
@@ -111,27 +111,32 @@ class CpuBackend:
         Hkv, G, D = self.num_kv_heads, self.group, self.head_dim
         out = torch.empty(T, Hkv, G, D, dtype=q.dtype)
         bs = self.block_size
-        k_blocks = k_cache.view(-1, bs, Hkv, D)
-        v_blocks = v_cache.view(-1, bs, Hkv, D)
+        k_blocks = k_cache.view(-1, bs * Hkv * D)
+        v_blocks = v_cache.view(-1, bs * Hkv * D)
         for g in state.decode_groups:
             rows, width = g.end - g.start, g.mask.shape[-1]
-            # Whole blocks are gathered (contiguous copies), then viewed as one context.
-            kd = k_blocks[g.block_tables].view(rows, width, Hkv, D).transpose(1, 2)
-            vd = v_blocks[g.block_tables].view(rows, width, Hkv, D).transpose(1, 2)
+            # Whole blocks are gathered with index_select (row memcpys; advanced indexing is
+            # several times slower here), then viewed as one padded context per row.
+            kd = k_blocks.index_select(0, g.block_ids).view(rows, width, Hkv, D).transpose(1, 2)
+            vd = v_blocks.index_select(0, g.block_ids).view(rows, width, Hkv, D).transpose(1, 2)
             out[g.start:g.end] = F.scaled_dot_product_attention(
                 q[g.start:g.end].view(rows, Hkv, G, D), kd, vd, attn_mask=g.mask, scale=self.scale
             )
         for p in state.prefills:
             s, n = p.start, p.length
-            # [n, Hkv, G, D] -> [Hkv, n*G, D]: query rows ordered (position, group member)
-            qp = q[s:s + n].view(n, Hkv, G, D).transpose(0, 1).reshape(Hkv, n * G, D)
+            # [n, Hkv, G, D] -> [1, Hkv, n*G, D]: query rows ordered (position, group member).
+            # 4-D inputs keep SDPA on its fused CPU kernel (3-D falls back to the math path).
+            qp = q[s:s + n].view(n, Hkv, G, D).transpose(0, 1).reshape(1, Hkv, n * G, D)
             if p.gather is None:
                 kp, vp = k[s:s + n].transpose(0, 1), v[s:s + n].transpose(0, 1)
                 mask = _causal_group_mask(n, G)
             else:
-                kp, vp = k_cache[p.gather].transpose(0, 1), v_cache[p.gather].transpose(0, 1)
+                kp = k_cache.view(-1, Hkv * D).index_select(0, p.gather).view(-1, Hkv, D).transpose(0, 1)
+                vp = v_cache.view(-1, Hkv * D).index_select(0, p.gather).view(-1, Hkv, D).transpose(0, 1)
                 mask = p.mask
-            o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=self.scale)
+            o = F.scaled_dot_product_attention(
+                qp, kp.unsqueeze(0), vp.unsqueeze(0), attn_mask=mask, scale=self.scale
+            )
             out[s:s + n] = o.view(Hkv, n, G, D).transpose(0, 1)
         return out.view(T, Hkv * G * D)
 

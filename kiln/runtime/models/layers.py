@@ -39,7 +39,8 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            return torch._C._nn.mkldnn_linear(x.to_mkldnn(), self.packed, None).to_dense()
+            # Dense in, dense out: no conversion of activations to oneDNN's layout.
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         return F.linear(x, self.weight)
 
 
