@@ -1,4 +1,5 @@
-"""Offline throughput: kiln's engine vs transformers generate() on one seeded workload.
+"""Offline throughput: kiln's engine vs transformers generate() on one seeded workload,
+both in the same dtype (--dtype).
 
 Workload: N requests (default 64), prompt lengths uniform in [32, 512] tokens, 128 new
 tokens each, greedy, EOS ignored. Prints tokens/s for kiln (all requests submitted at once,
@@ -63,10 +64,11 @@ def bench_decode_split(engine: Engine, prompts: list[list[int]], batch: int, ste
             "other_ms": (s - f) * 1e3, "other_share": (s - f) / s}
 
 
-def bench_hf(model_path: Path, prompts: list[list[int]], new_tokens: int, batch_size: int) -> dict:
+def bench_hf(model_path: Path, prompts: list[list[int]], new_tokens: int, batch_size: int,
+             dtype: torch.dtype) -> dict:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype).eval()
     model.generation_config.eos_token_id = None  # run past EOS, like ignore_eos
     model.generation_config.pad_token_id = 0
     tokens = 0
@@ -97,7 +99,7 @@ def main() -> int:
     ap.add_argument("--hf-single-requests", type=int, default=8,
                     help="transformers one-at-a-time runs on the first N requests only (it is slow); "
                          "its tokens/s is a rate, comparable as such")
-    ap.add_argument("--hf-batch-sizes", default="8,16", help="padded static batch sizes to try")
+    ap.add_argument("--hf-batch-sizes", default="8,16,32", help="padded static batch sizes to try")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--split-batch", type=int, default=32)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -118,12 +120,13 @@ def main() -> int:
           f"{split['forward_ms']:.1f} ms + other {split['other_ms']:.1f} ms ({100 * split['other_share']:.1f}% outside the forward)",
           flush=True)
     if not args.skip_hf:
-        single = bench_hf(engine.model_path, prompts[:args.hf_single_requests], args.new_tokens, 1)
+        single = bench_hf(engine.model_path, prompts[:args.hf_single_requests], args.new_tokens, 1,
+                          engine.config.torch_dtype)
         results["hf_single"] = single
         print(f"transformers one at a time ({single['requests']} requests): {single['tokens_per_s']:.1f} tokens/s", flush=True)
         best = None
         for bs in [int(x) for x in args.hf_batch_sizes.split(",") if x]:
-            r = bench_hf(engine.model_path, prompts, args.new_tokens, bs)
+            r = bench_hf(engine.model_path, prompts, args.new_tokens, bs, engine.config.torch_dtype)
             results[f"hf_batch_{bs}"] = r
             print(f"transformers static batches of {bs}: {r['tokens_per_s']:.1f} tokens/s", flush=True)
             best = r if best is None or r["tokens_per_s"] > best["tokens_per_s"] else best

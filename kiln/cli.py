@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import EngineConfig, ServerConfig, apply_env
+from .config import EngineConfig, ServerConfig, load_config, parse_size
 
 
 def _engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -30,54 +30,39 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
                    help=f"token budget of one engine step; longer prompts are prefilled in chunks [default {d.max_num_batched_tokens}]")
     g.add_argument("--max-num-seqs", type=int, default=None, help=f"most sequences in the running batch [default {d.max_num_seqs}]")
     g.add_argument("--max-model-len", type=int, default=None, help="context length limit [default: the model's]")
+    g.add_argument("--max-input-tokens", type=int, default=None, help="longest prompt accepted [default: max-model-len - 1]")
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
                    help="do not share KV blocks between requests with a common prompt prefix")
     g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads [default: all cores]")
 
 
 def _size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().removesuffix("b").removesuffix("i")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 2G, 512M or bytes)") from None
+
+
+_SERVER_FLAGS = ("host", "port", "grpc_port", "api_key", "max_concurrent_requests", "request_timeout",
+                 "shutdown_grace", "max_body_bytes", "log_level")
+
+
+def _config(args: argparse.Namespace) -> ServerConfig:
+    cli: dict[str, object] = {f"engine.{name}": getattr(args, name, None) for name in vars(EngineConfig())}
+    cli.update({f"server.{name}": getattr(args, name, None) for name in _SERVER_FLAGS})
+    return load_config(cli)
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
-    config = EngineConfig()
-    apply_env(config)
-    for name in vars(config):
-        value = getattr(args, name, None)
-        if value is not None:
-            setattr(config, name, value)
-    config.validate()
-    return config
+    return _config(args).engine
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from .server.app import run_server
 
-    from .server.app import ServerState, create_app, load_engine_in_background
-
-    server_config = ServerConfig()
-    apply_env(server_config)
-    host = args.host or server_config.host
-    port = args.port if args.port is not None else server_config.port
-    engine_config = _engine_config(args)
-    state = ServerState()
-    app = create_app(state)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=30))
-
-    def fail() -> None:
-        server.should_exit = True
-
-    load_engine_in_background(state, engine_config, fail)
-    server.run()
-    if state.load_error:
-        print(f"kiln: the model failed to load: {state.load_error}", file=sys.stderr)
-        return 1
-    return 0
+    config = _config(args)
+    logging.getLogger().setLevel(config.log_level.upper())
+    return run_server(config)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -125,9 +110,24 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Serve a model over HTTP: /v1/completions, /v1/chat/completions, "
                                        "/v1/models, /health, /metrics. Settings also come from KILN_* "
                                        "environment variables (flags win).")
-    serve.add_argument("--host", default=None, help="address to bind [env KILN_HOST; default 127.0.0.1]")
-    serve.add_argument("--port", type=int, default=None, help="HTTP port [env KILN_PORT; default 8080]")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    d = ServerConfig()
+    serve.add_argument("--host", default=None, help=f"address to bind [env KILN_HOST; default {d.host}]")
+    serve.add_argument("--port", type=int, default=None,
+                       help=f"HTTP port [env KILN_PORT, SAGEMAKER_BIND_TO_PORT; default {d.port}]")
+    serve.add_argument("--grpc-port", type=int, default=None,
+                       help=f"gRPC port, 0 to disable [env KILN_GRPC_PORT; default {d.grpc_port}]")
+    serve.add_argument("--api-key", default=None,
+                       help="require this key (HTTP 'Authorization: Bearer KEY', gRPC 'authorization' "
+                            "metadata) [env KILN_API_KEY; default: none]")
+    serve.add_argument("--max-concurrent-requests", type=int, default=None,
+                       help=f"requests in flight before new ones are refused with 429 [default {d.max_concurrent_requests}]")
+    serve.add_argument("--request-timeout", type=float, default=None,
+                       help="seconds a request may wait and run before it is ended [default: none]")
+    serve.add_argument("--shutdown-grace", type=float, default=None,
+                       help=f"seconds in-flight requests get to finish after SIGTERM [default {d.shutdown_grace:g}]")
+    serve.add_argument("--max-body-bytes", type=_size, default=None,
+                       help="largest request body accepted [default 6M]")
+    serve.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
     _engine_flags(serve)
     serve.set_defaults(func=cmd_serve)
 
@@ -155,8 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "info").upper() if hasattr(args, "log_level") else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:

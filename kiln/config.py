@@ -1,24 +1,33 @@
-"""Typed settings. Precedence: CLI flags > KILN_* environment variables > defaults."""
+"""Typed settings, one model for every door.
+
+Precedence: CLI flags > KILN_* environment variables > the environment aliases that existing
+SageMaker / TGI / LMI containers use > defaults. `SETTINGS` is the single table of which
+variables feed which field; the README's settings table documents the same rows.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+
+SAGEMAKER_MODEL_DIR = Path("/opt/ml/model")
 
 
 @dataclass
 class EngineConfig:
     model: str = "default"  # "default", a Hugging Face folder, or a .gguf file
     served_model_name: str | None = None
-    dtype: str = "float32"  # float32 | bfloat16
+    dtype: str = "float32"  # float32 | bfloat16 | float16
     block_size: int = 16
     kv_cache_bytes: int | None = None  # explicit KV budget; else a fraction of free memory
     kv_cache_memory_fraction: float = 0.1
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
     max_model_len: int | None = None  # default: the model's context length
+    max_input_tokens: int | None = None  # longest prompt accepted; default: max_model_len - 1
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch threads; default: all cores
 
@@ -39,35 +48,160 @@ class EngineConfig:
             raise ValueError("kv_cache_memory_fraction must be in (0, 0.95]")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        if self.max_input_tokens is not None and self.max_input_tokens < 1:
+            raise ValueError("max_input_tokens must be >= 1")
 
 
 @dataclass
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
+    grpc_port: int = 8081  # 0 disables gRPC
+    api_key: str | None = None
+    max_concurrent_requests: int = 256  # past this, HTTP 429 / gRPC RESOURCE_EXHAUSTED
+    request_timeout: float | None = None  # seconds from arrival; None = no deadline
+    shutdown_grace: float = 25.0  # seconds in-flight requests get after SIGTERM
+    max_body_bytes: int = 6 * 1024 * 1024  # as SageMaker's invocation payload limit
     log_level: str = "info"
     engine: EngineConfig = field(default_factory=EngineConfig)
 
+    def validate(self) -> None:
+        self.engine.validate()
+        if self.max_concurrent_requests < 1:
+            raise ValueError("max_concurrent_requests must be >= 1")
+        if self.request_timeout is not None and self.request_timeout <= 0:
+            raise ValueError("request_timeout must be > 0")
+        if self.shutdown_grace < 0:
+            raise ValueError("shutdown_grace must be >= 0")
+        if self.grpc_port and self.grpc_port == self.port:
+            raise ValueError(f"the HTTP and gRPC ports must differ (both {self.port})")
 
-def _parse(value: str, kind: type | str):
-    text = str(kind)
-    if "bool" in text:
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    if "int" in text:
-        return int(value)
-    if "float" in text:
-        return float(value)
-    return value
+
+@dataclass(frozen=True)
+class Setting:
+    """One settings row: where the value lands and which variables can set it."""
+
+    target: str  # "server.<field>" or "engine.<field>"
+    kiln_env: str
+    aliases: tuple[str, ...] = ()
+    help: str = ""
 
 
-def apply_env(obj, prefix: str = "KILN_") -> None:
-    """Fill dataclass fields from KILN_<FIELD> environment variables."""
-    for f in fields(obj):
-        if f.name == "engine":
-            continue
-        raw = os.environ.get(prefix + f.name.upper())
-        if raw is not None and raw != "":
+SETTINGS: list[Setting] = [
+    Setting("engine.model", "KILN_MODEL", ("HF_MODEL_ID", "OPTION_MODEL_ID"),
+            "model: 'default', a Hugging Face folder or a .gguf file (/opt/ml/model when it holds one)"),
+    Setting("engine.served_model_name", "KILN_SERVED_MODEL_NAME", ("SERVED_MODEL_NAME",), "name clients use in 'model'"),
+    Setting("engine.dtype", "KILN_DTYPE", ("DTYPE", "OPTION_DTYPE"), "float32, bfloat16 or float16"),
+    Setting("engine.block_size", "KILN_BLOCK_SIZE", (), "tokens per KV-cache block"),
+    Setting("engine.kv_cache_bytes", "KILN_KV_CACHE_BYTES", (), "KV-cache budget (2G, 512M or bytes)"),
+    Setting("engine.kv_cache_memory_fraction", "KILN_KV_CACHE_MEMORY_FRACTION", (),
+            "share of available memory for the KV cache when no byte budget is set"),
+    Setting("engine.max_num_batched_tokens", "KILN_MAX_NUM_BATCHED_TOKENS",
+            ("MAX_BATCH_PREFILL_TOKENS", "OPTION_MAX_ROLLING_BATCH_PREFILL_TOKENS"),
+            "token budget of one step; longer prompts are prefilled in chunks"),
+    Setting("engine.max_num_seqs", "KILN_MAX_NUM_SEQS", ("MAX_BATCH_SIZE", "OPTION_MAX_ROLLING_BATCH_SIZE"),
+            "most sequences running at once"),
+    Setting("engine.max_model_len", "KILN_MAX_MODEL_LEN", ("MAX_TOTAL_TOKENS", "OPTION_MAX_MODEL_LEN"),
+            "context limit: prompt plus generated tokens"),
+    Setting("engine.max_input_tokens", "KILN_MAX_INPUT_TOKENS", ("MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH", "OPTION_MAX_INPUT_LEN"),
+            "longest prompt accepted"),
+    Setting("engine.enable_prefix_caching", "KILN_ENABLE_PREFIX_CACHING", ("OPTION_ENABLE_PREFIX_CACHING",),
+            "share KV blocks of common prompt prefixes"),
+    Setting("engine.num_threads", "KILN_NUM_THREADS", (), "torch CPU threads"),
+    Setting("server.host", "KILN_HOST", (), "address to bind"),
+    Setting("server.port", "KILN_PORT", ("SAGEMAKER_BIND_TO_PORT",), "HTTP port"),
+    Setting("server.grpc_port", "KILN_GRPC_PORT", (), "gRPC port; 0 disables it (inside SAGEMAKER_SAFE_PORT_RANGE when that is set)"),
+    Setting("server.api_key", "KILN_API_KEY", (), "require 'Authorization: Bearer KEY' (HTTP) or 'authorization' metadata (gRPC)"),
+    Setting("server.max_concurrent_requests", "KILN_MAX_CONCURRENT_REQUESTS",
+            ("MAX_CONCURRENT_REQUESTS", "OPTION_MAX_CONCURRENT_REQUESTS"),
+            "requests in flight before new ones get 429 / RESOURCE_EXHAUSTED"),
+    Setting("server.request_timeout", "KILN_REQUEST_TIMEOUT", ("OPTION_REQUEST_TIMEOUT",),
+            "seconds a request may wait and run before it is ended"),
+    Setting("server.shutdown_grace", "KILN_SHUTDOWN_GRACE", (), "seconds in-flight requests get to finish after SIGTERM"),
+    Setting("server.max_body_bytes", "KILN_MAX_BODY_BYTES", (), "largest request body accepted"),
+    Setting("server.log_level", "KILN_LOG_LEVEL", (), "debug, info, warning or error"),
+]
+
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
+                  "float": "float32", "auto": "float32"}
+
+
+def parse_size(text: str) -> int:
+    """'2G', '512M', '64k' or a plain number of bytes."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
+
+
+def _convert(target: str, raw: str, current):
+    name = target.split(".", 1)[1]
+    if name == "dtype":
+        return _DTYPE_ALIASES.get(raw.strip().lower(), raw.strip().lower())
+    if name in ("kv_cache_bytes", "max_body_bytes"):
+        return parse_size(raw)
+    if isinstance(current, bool) or name == "enable_prefix_caching":
+        value = raw.strip().lower()
+        if value not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise ValueError("expected true or false")
+        return value in ("1", "true", "yes", "on")
+    int_fields = {"block_size", "max_num_batched_tokens", "max_num_seqs", "max_model_len", "max_input_tokens",
+                  "num_threads", "port", "grpc_port", "max_concurrent_requests"}
+    if name in int_fields:
+        return int(raw)
+    if name in ("kv_cache_memory_fraction", "request_timeout", "shutdown_grace"):
+        return float(raw)
+    return raw
+
+
+def _set(config: ServerConfig, target: str, value) -> None:
+    scope, name = target.split(".", 1)
+    setattr(config.engine if scope == "engine" else config, name, value)
+
+
+def _get(config: ServerConfig, target: str):
+    scope, name = target.split(".", 1)
+    return getattr(config.engine if scope == "engine" else config, name)
+
+
+def load_config(cli: dict[str, object] | None = None, environ: dict[str, str] | None = None) -> ServerConfig:
+    """Build the settings: defaults, then aliases, then KILN_* variables, then CLI values
+    (keys like "engine.max_num_seqs"; None means "not given")."""
+    env = os.environ if environ is None else environ
+    config = ServerConfig()
+    if SAGEMAKER_MODEL_DIR.is_dir() and (
+        (SAGEMAKER_MODEL_DIR / "config.json").is_file() or any(SAGEMAKER_MODEL_DIR.glob("*.gguf"))
+    ):
+        ggufs = sorted(SAGEMAKER_MODEL_DIR.glob("*.gguf"))
+        config.engine.model = str(ggufs[0] if ggufs and not (SAGEMAKER_MODEL_DIR / "config.json").is_file()
+                                  else SAGEMAKER_MODEL_DIR)
+    for setting in SETTINGS:
+        for name in (*reversed(setting.aliases), setting.kiln_env):  # KILN_* wins, then the first alias
+            raw = env.get(name)
+            if raw is None or raw == "":
+                continue
             try:
-                setattr(obj, f.name, _parse(raw, f.type))
+                _set(config, setting.target, _convert(setting.target, raw, _get(config, setting.target)))
             except ValueError as exc:
-                raise ValueError(f"{prefix}{f.name.upper()}={raw!r}: {exc}") from None
+                raise ValueError(f"{name}={raw!r}: {exc}") from None
+    safe_range = env.get("SAGEMAKER_SAFE_PORT_RANGE")
+    if safe_range and not env.get("KILN_GRPC_PORT"):
+        config.grpc_port = grpc_port_in_range(safe_range, config.port)
+    for target, value in (cli or {}).items():
+        if value is not None:
+            _set(config, target, value)
+    config.validate()
+    return config
+
+
+def grpc_port_in_range(safe_range: str, http_port: int) -> int:
+    """The first port of SageMaker's 'LOW-HIGH' safe range that is not the HTTP port."""
+    try:
+        low, high = (int(p) for p in safe_range.split("-"))
+    except ValueError:
+        raise ValueError(f"SAGEMAKER_SAFE_PORT_RANGE={safe_range!r}: expected LOW-HIGH") from None
+    for port in range(low, high + 1):
+        if port != http_port:
+            return port
+    raise ValueError(f"SAGEMAKER_SAFE_PORT_RANGE={safe_range!r} has no port besides {http_port}")

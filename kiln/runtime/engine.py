@@ -121,6 +121,9 @@ class Engine:
         n = len(prompt_token_ids)
         if n == 0:
             raise ValueError("the prompt is empty")
+        limit = self.config.max_input_tokens
+        if limit is not None and n > limit:
+            raise ValueError(f"the prompt has {n} tokens; this server accepts at most {limit}")
         if n >= self.max_model_len:
             raise ValueError(
                 f"the prompt has {n} tokens, but this model's context is {self.max_model_len} "
@@ -276,14 +279,32 @@ class Engine:
 
 
 class EngineDeadError(RuntimeError):
-    pass
+    """The engine loop is not running (stopped or draining): the server is unavailable."""
+
+
+class QueueFullError(RuntimeError):
+    """Admission refused: too many requests in flight. Retry later."""
+
+
+class DeadlineExceededError(RuntimeError):
+    """The request waited or ran longer than the server's request timeout."""
 
 
 class AsyncEngine:
-    """Runs an Engine in a background thread; requests are asyncio streams of deltas."""
+    """Runs an Engine in a background thread; requests are asyncio streams of deltas.
 
-    def __init__(self, engine: Engine) -> None:
+    Admission is bounded: past `max_concurrent_requests` in flight, `generate` raises
+    QueueFullError instead of queueing without limit. With `request_timeout` set, a request
+    that has waited or run longer is aborted and its stream raises DeadlineExceededError.
+    """
+
+    def __init__(self, engine: Engine, max_concurrent_requests: int | None = None,
+                 request_timeout: float | None = None) -> None:
         self.engine = engine
+        self.max_concurrent_requests = max_concurrent_requests
+        self.request_timeout = request_timeout
+        self._deadlines: dict[str, float] = {}
+        self._accepting = True
         self._lock = threading.Lock()
         self._adds: list[Request] = []
         self._aborts: list[str] = []
@@ -309,6 +330,14 @@ class AsyncEngine:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    def stop_accepting(self) -> None:
+        """Refuse new requests (EngineDeadError) while those in flight finish: draining."""
+        self._accepting = False
+
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
@@ -316,31 +345,37 @@ class AsyncEngine:
         params.validate()
         self.engine.check_request(prompt_token_ids, params)
 
-    async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
-        """Stream deltas for a request. Raises ValueError before the first delta if the
-        request is invalid. Leaving the iteration early aborts the request."""
+    def submit(self, request: Request) -> "RequestStream":
+        """Admit a request and return its stream of deltas. Raises at once, before anything
+        is streamed: ValueError (bad request), QueueFullError (too many in flight),
+        EngineDeadError (stopped or draining). Closing the stream early aborts the request."""
         if not self.is_alive:
             raise EngineDeadError("the engine loop is not running")
+        if not self._accepting:
+            raise EngineDeadError("the server is shutting down")
         self.check_request(request.prompt_token_ids, request.params)
+        limit = self.max_concurrent_requests
+        if limit is not None and len(self._streams) >= limit:
+            raise QueueFullError(f"the server is at its limit of {limit} requests in flight; retry later")
+        if request.request_id in self._streams:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request.request_id] = (asyncio.get_running_loop(), queue)
         with self._lock:
             self._adds.append(request)
+            if self.request_timeout is not None:
+                self._deadlines[request.request_id] = request.arrival_time + self.request_timeout
         self._wake.set()
-        finished = False
+        return RequestStream(self, request, queue)
+
+    async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
+        """Convenience: submit and iterate."""
+        stream = self.submit(request)
         try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, Exception):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
+            async for out in stream:
+                yield out
         finally:
-            self._streams.pop(request.request_id, None)
-            if not finished:
-                self.abort(request.request_id)
+            stream.close()
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -382,10 +417,13 @@ class AsyncEngine:
                         errors.append((request.request_id, exc))
                 for request_id in aborts:
                     engine.abort(request_id)
+                    self._deadlines.pop(request_id, None)
+                if self._deadlines:
+                    errors.extend(self._expire())
                 if errors:
                     self._deliver(errors)
                 if not engine.has_work:
-                    self._wake.wait(timeout=0.5)
+                    self._wake.wait(timeout=0.1 if self._deadlines else 0.5)
                     self._wake.clear()
                     continue
                 try:
@@ -394,7 +432,70 @@ class AsyncEngine:
                     log.exception("engine step failed; failing the requests in flight")
                     outputs = engine.fail_all("internal error in the engine step")
                 if outputs:
+                    if self._deadlines:
+                        for out in outputs:
+                            if out.finished:
+                                self._deadlines.pop(out.request_id, None)
                     self._deliver(outputs)
+
+    def _expire(self) -> list[tuple[str, Exception]]:
+        """Abort requests past their deadline (called on the engine thread)."""
+        now = time.monotonic()
+        with self._lock:
+            expired = [rid for rid, deadline in self._deadlines.items() if deadline <= now]
+            for rid in expired:
+                del self._deadlines[rid]
+        for rid in expired:
+            self.engine.abort(rid)
+        return [
+            (rid, DeadlineExceededError(f"the request exceeded the server's timeout of {self.request_timeout:g} s"))
+            for rid in expired
+        ]
+
+
+class RequestStream:
+    """The deltas of one admitted request. Iterate it; close() (or leaving it unfinished and
+    dropping it) aborts the request and frees its blocks."""
+
+    def __init__(self, engine: AsyncEngine, request: Request, queue: asyncio.Queue) -> None:
+        self._engine = engine
+        self.request = request
+        self._queue = queue
+        self.finished = False
+        self._closed = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished or self._closed:
+            raise StopAsyncIteration
+        try:
+            item = await self._queue.get()
+        except BaseException:  # cancelled while waiting: the client went away
+            self.close()
+            raise
+        if isinstance(item, Exception):
+            self.close()
+            raise item
+        if item.finished:
+            self.finished = True
+            self._engine._streams.pop(self.request.request_id, None)
+        return item
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._engine._streams.pop(self.request.request_id, None)
+        if not self.finished:
+            self._engine.abort(self.request.request_id)
+
+    def __del__(self) -> None:  # a safety net for streams never iterated to the end
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
 def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:

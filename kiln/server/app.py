@@ -3,20 +3,26 @@ open (so /health can say 503 "loading"), errors render as OpenAI's error JSON.""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hmac
 import logging
+import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import uvicorn
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..config import EngineConfig
+from ..config import ServerConfig
 from ..runtime.engine import AsyncEngine, Engine
 from . import openai
 from .metrics import ServerMetrics
@@ -29,14 +35,18 @@ log = logging.getLogger("kiln.server")
 class ServerState:
     engine: AsyncEngine | None = None
     load_error: str | None = None
+    draining: bool = False
+    on_drain: list = field(default_factory=list)  # callbacks run when draining starts (gRPC)
     started: int = field(default_factory=lambda: int(time.time()))
     metrics: ServerMetrics = None  # type: ignore[assignment]
 
 
-def _error(status: int, message: str, type_: str, param: str | None = None) -> JSONResponse:
+def _error(status: int, message: str, type_: str, param: str | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(
         status_code=status,
         content={"error": {"message": message, "type": type_, "param": param, "code": status}},
+        headers=headers,
     )
 
 
@@ -103,7 +113,7 @@ def create_app(state: ServerState | None = None) -> FastAPI:
     @app.exception_handler(APIError)
     async def _api_error(_: HttpRequest, exc: APIError) -> JSONResponse:
         state.metrics.http_errors.labels(str(exc.status)).inc()
-        return _error(exc.status, exc.message, exc.type, exc.param)
+        return _error(exc.status, exc.message, exc.type, exc.param, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: HttpRequest, exc: RequestValidationError) -> JSONResponse:
@@ -129,6 +139,8 @@ def create_app(state: ServerState | None = None) -> FastAPI:
             return _error(503, f"the model failed to load: {state.load_error}", "service_unavailable")
         if state.engine is None:
             return _error(503, "the model is still loading", "service_unavailable")
+        if state.draining:
+            return _error(503, "the server is shutting down", "service_unavailable")
         if not state.engine.is_alive:
             return _error(503, "the engine has stopped", "service_unavailable")
         return JSONResponse({"status": "ok", "model": state.engine.model_name})
@@ -140,11 +152,12 @@ def create_app(state: ServerState | None = None) -> FastAPI:
     return app
 
 
-def load_engine_in_background(state: ServerState, config: EngineConfig,
+def load_engine_in_background(state: ServerState, config: ServerConfig,
                               on_failure: Callable[[], None]) -> threading.Thread:
     def load() -> None:
         try:
-            state.engine = AsyncEngine(Engine(config))
+            state.engine = AsyncEngine(Engine(config.engine), config.max_concurrent_requests,
+                                       config.request_timeout)
             log.info("serving %s", state.engine.model_name)
         except Exception as exc:
             log.exception("the model failed to load")
@@ -154,3 +167,127 @@ def load_engine_in_background(state: ServerState, config: EngineConfig,
     thread = threading.Thread(target=load, name="kiln-load", daemon=True)
     thread.start()
     return thread
+
+
+# -- HTTP edge: API key and body size, as plain ASGI middleware (streaming-safe) ----------
+
+_OPEN_PATHS = frozenset({"/ping", "/health"})
+
+
+class EdgeMiddleware:
+    """Refuses oversized bodies (413) and, when an API key is set, requests without it (401).
+    The key is compared in constant time; /ping and /health stay open."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int) -> None:
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self.api_key is not None and scope.get("path") not in _OPEN_PATHS:
+            given = headers.get(b"authorization", b"")
+            token = given[7:] if given[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(token, self.api_key):
+                return await _error(401, "missing or invalid API key (Authorization: Bearer KEY)",
+                                    "authentication_error")(scope, receive, send)
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            return await _error(413, f"the request body is larger than {self.max_body_bytes} bytes",
+                                "invalid_request_error")(scope, receive, send)
+        received = 0
+        limit = self.max_body_bytes
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await _error(413, f"the request body is larger than {limit} bytes",
+                         "invalid_request_error")(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+# -- the process: HTTP (and gRPC) servers, background load, drain on SIGTERM ------------
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, with SIGTERM meaning "drain": stop admitting, let in-flight requests finish
+    within the grace period (health turns 503 meanwhile), then exit 0."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, grace: float) -> None:
+        super().__init__(config)
+        self.kiln_state = state
+        self.grace = grace
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if sig == signal.SIGTERM and not self.kiln_state.draining and self._loop is not None:
+            self.kiln_state.draining = True
+            self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain()))
+            return
+        super().handle_exit(sig, frame)
+
+    async def _drain(self) -> None:
+        state = self.kiln_state
+        log.info("SIGTERM: draining (grace %.0f s)", self.grace)
+        if state.engine is not None:
+            state.engine.stop_accepting()
+        for hook in state.on_drain:
+            hook()
+        deadline = time.monotonic() + self.grace
+        while state.engine is not None and state.engine.num_in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = state.engine.num_in_flight if state.engine is not None else 0
+        log.info("drained (%d requests still in flight); exiting", left)
+        self.should_exit = True
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        # uvicorn re-raises the caught signal after shutting down, which turns a clean drain
+        # into exit status 143; kiln exits 0 instead.
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
+def run_server(config: ServerConfig) -> int:
+    """Serve until SIGTERM/SIGINT. Returns the process exit status."""
+    state = ServerState()
+    app = create_app(state)
+    asgi = EdgeMiddleware(app, config.api_key, config.max_body_bytes)
+    server = _Server(
+        uvicorn.Config(asgi, host=config.host, port=config.port, log_level=config.log_level,
+                       timeout_graceful_shutdown=5),
+        state, config.shutdown_grace,
+    )
+    load_engine_in_background(state, config, lambda: setattr(server, "should_exit", True))
+    server.run()
+    if state.engine is not None:
+        state.engine.shutdown()
+    if state.load_error:
+        print(f"kiln: the model failed to load: {state.load_error}", file=sys.stderr)
+        return 1
+    return 0

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..runtime.engine import AsyncEngine
+from ..runtime.engine import AsyncEngine, DeadlineExceededError, EngineDeadError, QueueFullError, RequestStream
 from ..runtime.request import FinishReason, Request, RequestOutput, SamplingParams, TokenLogprob
 from .schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 
@@ -24,9 +24,36 @@ class APIError(Exception):
     """Raised by routes; rendered as OpenAI's error JSON by the app."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None) -> None:
+                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param = status, message, type_, param
+        self.headers = headers
+
+
+def runtime_error_to_api(exc: Exception) -> APIError:
+    """The one mapping from engine exceptions to HTTP statuses."""
+    if isinstance(exc, QueueFullError):
+        return APIError(429, str(exc), "rate_limit_error", headers={"Retry-After": "1"})
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, str(exc), "service_unavailable")
+    if isinstance(exc, DeadlineExceededError):
+        return APIError(504, str(exc), "timeout_error")
+    if isinstance(exc, ValueError):
+        return APIError(400, str(exc))
+    return APIError(500, "internal error", "internal_error")
+
+
+def submit_all(engine: AsyncEngine, requests: list[Request]) -> list[RequestStream]:
+    """Admit every request or none: a refusal closes those already admitted."""
+    streams: list[RequestStream] = []
+    try:
+        for request in requests:
+            streams.append(engine.submit(request))
+    except Exception as exc:
+        for stream in streams:
+            stream.close()
+        raise runtime_error_to_api(exc) from None
+    return streams
 
 
 def _engine(http: HttpRequest) -> AsyncEngine:
@@ -69,36 +96,44 @@ def _sampling_params(body, max_tokens: int, logprobs: int | None) -> SamplingPar
         raise APIError(400, str(exc)) from None
 
 
-async def _merged(engine: AsyncEngine, requests: list[Request], metrics) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleave the streams of several requests as (index, delta). Leaving early aborts
-    every request still running."""
-    if len(requests) == 1:
-        async for out in metrics.observe(requests[0].arrival_time, engine.generate(requests[0])):
-            yield 0, out
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(index: int, request: Request) -> None:
-        try:
-            async for out in metrics.observe(request.arrival_time, engine.generate(request)):
-                await queue.put((index, out))
-        except Exception as exc:  # surfaced to the consumer
-            await queue.put((index, exc))
-
-    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
-    remaining = len(requests)
+async def merged(streams: list[RequestStream], metrics) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several request streams as (index, delta). Leaving early, or an error in
+    one, closes (aborts) every stream still running. Engine errors become APIError."""
     try:
-        while remaining:
-            index, item = await queue.get()
-            if isinstance(item, Exception):
-                raise item
-            if item.finished:
-                remaining -= 1
-            yield index, item
+        if len(streams) == 1:
+            async for out in metrics.observe(streams[0].request.arrival_time, streams[0]):
+                yield 0, out
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, stream: RequestStream) -> None:
+            try:
+                async for out in metrics.observe(stream.request.arrival_time, stream):
+                    await queue.put((index, out))
+            except Exception as exc:  # surfaced to the consumer
+                await queue.put((index, exc))
+
+        tasks = [asyncio.create_task(pump(i, st)) for i, st in enumerate(streams)]
+        remaining = len(streams)
+        try:
+            while remaining:
+                index, item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                if item.finished:
+                    remaining -= 1
+                yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    except APIError:
+        raise
+    except (ValueError, RuntimeError) as exc:
+        raise runtime_error_to_api(exc) from None
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in streams:
+            stream.close()
 
 
 async def _until_disconnect(http: HttpRequest, coro):
@@ -206,6 +241,7 @@ async def completions(body: CompletionRequest, http: HttpRequest):
     params = _sampling_params(body, max_tokens, body.logprobs)
     rid = f"cmpl-{uuid.uuid4().hex}"
     requests = _make_requests(engine, prompt_ids, params, body.n, rid)
+    streams = submit_all(engine, requests)
     metrics = http.app.state.kiln.metrics
     created = int(time.time())
     n_prompt = sum(len(ids) for ids in prompt_ids) * body.n
@@ -221,7 +257,7 @@ async def completions(body: CompletionRequest, http: HttpRequest):
             generated = 0
             started: set[int] = set()
             try:
-                async for index, out in _merged(engine, requests, metrics):
+                async for index, out in merged(streams, metrics):
                     _raise_if_error(out)
                     generated += len(out.new_token_ids)
                     text = out.new_text
@@ -251,7 +287,7 @@ async def completions(body: CompletionRequest, http: HttpRequest):
         lps = [_CompletionLogprobs(engine, len(texts[i])) for i in range(len(requests))]
         finals: dict[int, RequestOutput] = {}
         generated = 0
-        async for index, out in _merged(engine, requests, metrics):
+        async for index, out in merged(streams, metrics):
             _raise_if_error(out)
             texts[index] += out.new_text
             generated += len(out.new_token_ids)
@@ -309,6 +345,7 @@ async def chat_completions(body: ChatCompletionRequest, http: HttpRequest):
     params = _sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     requests = _make_requests(engine, [prompt_ids], params, body.n, rid)
+    streams = submit_all(engine, requests)
     metrics = http.app.state.kiln.metrics
     created = int(time.time())
     n_prompt = len(prompt_ids) * body.n
@@ -326,7 +363,7 @@ async def chat_completions(body: ChatCompletionRequest, http: HttpRequest):
                 for i in range(len(requests)):
                     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                                   "logprobs": None, "finish_reason": None}])
-                async for index, out in _merged(engine, requests, metrics):
+                async for index, out in merged(streams, metrics):
                     _raise_if_error(out)
                     generated += len(out.new_token_ids)
                     choice: dict[str, Any] = {
@@ -352,7 +389,7 @@ async def chat_completions(body: ChatCompletionRequest, http: HttpRequest):
         lps: list[list[dict[str, Any]]] = [[] for _ in requests]
         finals: dict[int, RequestOutput] = {}
         generated = 0
-        async for index, out in _merged(engine, requests, metrics):
+        async for index, out in merged(streams, metrics):
             _raise_if_error(out)
             texts[index] += out.new_text
             generated += len(out.new_token_ids)
