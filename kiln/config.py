@@ -138,7 +138,10 @@ def parse_size(text: str) -> int:
 def _convert(target: str, raw: str, current):
     name = target.split(".", 1)[1]
     if name == "dtype":
-        return _DTYPE_ALIASES.get(raw.strip().lower(), raw.strip().lower())
+        value = _DTYPE_ALIASES.get(raw.strip().lower(), raw.strip().lower())
+        if value not in ("float32", "bfloat16", "float16"):
+            raise ValueError("expected float32, bfloat16 or float16")
+        return value
     if name in ("kv_cache_bytes", "max_body_bytes"):
         return parse_size(raw)
     if isinstance(current, bool) or name == "enable_prefix_caching":

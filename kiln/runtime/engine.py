@@ -327,6 +327,10 @@ class AsyncEngine:
         return self.engine.max_model_len
 
     @property
+    def vocab_size(self) -> int:
+        return self.engine.model_config.vocab_size
+
+    @property
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 

@@ -232,6 +232,8 @@ async def completions(body: CompletionRequest, http: HttpRequest):
         else:
             if not p:
                 raise APIError(400, "prompt must not be empty", param="prompt")
+            if any(not 0 <= t < engine.vocab_size for t in p):
+                raise APIError(400, f"prompt token ids must be in [0, {engine.vocab_size})", param="prompt")
             prompt_ids.append(list(p))
             prompt_texts.append(tok.decode(list(p), skip_special_tokens=False))
     if not all(prompt_ids):
