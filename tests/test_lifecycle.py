@@ -189,7 +189,7 @@ def test_schemathesis_finds_no_server_errors(tmp_path):
             [st, "run", f"{proc.base_url}/openapi.json", "--checks", "not_a_server_error,response_schema_conformance",
              "--max-examples", "25", "--phases", "examples,fuzzing", "--workers", "1",
              "--generation-deterministic", "--request-timeout", "60"],
-            capture_output=True, text=True, timeout=600,
+            capture_output=True, text=True, timeout=600, cwd=tmp_path,
         )
         assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:] + proc.log()
         assert httpx.get(f"{proc.base_url}/health").status_code == 200

@@ -1,0 +1,189 @@
+"""Load generator for any OpenAI-compatible server (kiln, vLLM, llama.cpp, TGI's OpenAI
+route): a seeded workload sent at a fixed concurrency or with Poisson arrivals, streaming, and
+a report of throughput, time to first token and inter-token latency (p50/p90/p99) and errors.
+
+    python bench/serving.py --url http://127.0.0.1:8080 --concurrency 1,8,32,64
+    python bench/serving.py --url http://127.0.0.1:8080 --rate 4 --requests 200
+    python bench/serving.py --start-kiln --concurrency 8      # starts `kiln serve` itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+WORDS = ("river mountain light engine garden number story question answer market winter "
+         "signal harbor pattern letter forest machine circle window shadow").split()
+
+
+@dataclass
+class Result:
+    ok: bool
+    ttft: float = 0.0
+    itls: list[float] = field(default_factory=list)
+    tokens: int = 0
+    latency: float = 0.0
+    error: str = ""
+
+
+def make_prompts(n: int, seed: int, min_words: int, max_words: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))) for _ in range(n)]
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str | None, prompt: str,
+                      max_tokens: int, api_key: str | None) -> Result:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    if model:
+        body["model"] = model
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    start = time.perf_counter()
+    last = None
+    res = Result(ok=False)
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as r:
+            if r.status_code != 200:
+                res.error = f"HTTP {r.status_code}"
+                await r.aread()
+                return res
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    res.error = chunk["error"].get("message", "error")
+                    return res
+                now = time.perf_counter()
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    if last is None:
+                        res.ttft = now - start
+                    else:
+                        res.itls.append(now - last)
+                    last = now
+                if chunk.get("usage"):
+                    res.tokens = chunk["usage"]["completion_tokens"]
+        res.latency = time.perf_counter() - start
+        res.ok = True
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        res.error = type(exc).__name__
+    return res
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q / 100 * len(values)))]
+
+
+async def run_load(url: str, model: str | None, prompts: list[str], max_tokens: int,
+                   concurrency: int | None, rate: float | None, seed: int, api_key: str | None) -> dict:
+    limits = httpx.Limits(max_connections=max(concurrency or 256, 8))
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        start = time.perf_counter()
+        if concurrency:
+            queue = list(enumerate(prompts))
+            results: list[Result] = []
+
+            async def worker() -> None:
+                while queue:
+                    _, p = queue.pop(0)
+                    results.append(await one_request(client, url, model, p, max_tokens, api_key))
+
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        else:
+            rng = random.Random(seed)
+            tasks = []
+            for p in prompts:
+                tasks.append(asyncio.create_task(one_request(client, url, model, p, max_tokens, api_key)))
+                await asyncio.sleep(rng.expovariate(rate))
+            results = list(await asyncio.gather(*tasks))
+        wall = time.perf_counter() - start
+    ok = [r for r in results if r.ok]
+    ttfts = [r.ttft for r in ok]
+    itls = [x for r in ok for x in r.itls]
+    tokens = sum(r.tokens for r in ok)
+    return {
+        "concurrency": concurrency, "rate": rate, "requests": len(results), "ok": len(ok),
+        "errors": len(results) - len(ok), "error_kinds": sorted({r.error for r in results if not r.ok}),
+        "output_tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall if wall else 0.0,
+        "ttft_p50": pct(ttfts, 50), "ttft_p90": pct(ttfts, 90), "ttft_p99": pct(ttfts, 99),
+        "itl_p50": pct(itls, 50), "itl_p90": pct(itls, 90), "itl_p99": pct(itls, 99),
+        "latency_mean": statistics.mean(r.latency for r in ok) if ok else float("nan"),
+    }
+
+
+def start_kiln(port: int, extra: list[str]) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", "--port", str(port), "--grpc-port", "0",
+                             *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            raise SystemExit(f"kiln serve exited with {proc.returncode}")
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("kiln serve did not become healthy")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", default="http://127.0.0.1:8080")
+    ap.add_argument("--model", default=None, help="the 'model' field to send [default: none]")
+    ap.add_argument("--api-key", default=None)
+    ap.add_argument("--concurrency", default="8", help="comma-separated fixed concurrencies")
+    ap.add_argument("--rate", type=float, default=None, help="Poisson arrival rate (requests/s) instead of concurrency")
+    ap.add_argument("--requests", type=int, default=0, help="requests per run [default: 4 x concurrency, at least 16]")
+    ap.add_argument("--prompt-words", default="20,200", help="prompt length range in words (min,max)")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--start-kiln", action="store_true", help="start `kiln serve` on --port for the run")
+    ap.add_argument("--port", type=int, default=8090)
+    ap.add_argument("--kiln-args", default="", help="extra arguments for `kiln serve`")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    lo, hi = (int(x) for x in args.prompt_words.split(","))
+    proc = None
+    if args.start_kiln:
+        proc = start_kiln(args.port, args.kiln_args.split())
+        args.url = f"http://127.0.0.1:{args.port}"
+    runs = []
+    try:
+        levels = [None] if args.rate else [int(c) for c in args.concurrency.split(",")]
+        for c in levels:
+            n = args.requests or max(16, 4 * (c or 4))
+            prompts = make_prompts(n, args.seed, lo, hi)
+            r = asyncio.run(run_load(args.url, args.model, prompts, args.max_tokens, c, args.rate, args.seed, args.api_key))
+            runs.append(r)
+            label = f"concurrency {c}" if c else f"rate {args.rate}/s"
+            print(f"{label:>16}: {r['tokens_per_s']:7.1f} tok/s  TTFT p50/p90/p99 "
+                  f"{r['ttft_p50'] * 1e3:6.0f}/{r['ttft_p90'] * 1e3:6.0f}/{r['ttft_p99'] * 1e3:6.0f} ms  "
+                  f"ITL p50/p90/p99 {r['itl_p50'] * 1e3:5.0f}/{r['itl_p90'] * 1e3:5.0f}/{r['itl_p99'] * 1e3:5.0f} ms  "
+                  f"ok {r['ok']}/{r['requests']}" + (f"  errors {r['error_kinds']}" if r["errors"] else ""), flush=True)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=60)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"command": " ".join(["python"] + sys.argv), "runs": runs}, indent=2))
+    return 0 if all(r["errors"] == 0 for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
