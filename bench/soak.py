@@ -85,7 +85,6 @@ async def one(client: httpx.AsyncClient, url: str, rng: random.Random, prompts: 
 
 
 async def soak(url: str, minutes: float, concurrency: int, seed: int) -> Counter:
-    rng = random.Random(seed)
     prompts = make_prompts(200, seed, 5, 150)
     counts: Counter = Counter()
     stop_at = time.monotonic() + minutes * 60

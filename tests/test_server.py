@@ -7,10 +7,6 @@ import asyncio
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +14,8 @@ import httpx
 import openai
 import pytest
 
-STARTUP_TIMEOUT_S = 120
+from kiln_process import KilnProcess
+
 # Answered at length: greedy output runs past the small max_tokens used here.
 CHAT = [{"role": "user", "content": "Write a long story about a dragon who lives in a castle."}]
 
@@ -26,75 +23,25 @@ CHAT = [{"role": "user", "content": "Write a long story about a dragon who lives
 # -- the server ---------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, proc: subprocess.Popen, base_url: str, log_path: Path) -> None:
-        self.proc, self.base_url, self.log_path = proc, base_url, log_path
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-8000:]
-        except OSError:
-            return "<no log>"
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> KilnProcess:
+    srv = KilnProcess(tmp_path_factory.mktemp("kiln-server"))
+    yield srv
+    # SIGTERM drains and exits 0 after a clean shutdown.
+    assert srv.stop() == 0, f"kiln serve exited with {srv.proc.returncode}:\n{srv.log()}"
+    log_text = srv.log()
+    assert "Application shutdown complete" in log_text, log_text
+    assert "Traceback" not in log_text, log_text
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Server:
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("kiln-server") / "server.log"
-    base_url = f"http://127.0.0.1:{port}"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kiln.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-             "--kv-cache-bytes", "256M", "--log-level", "info"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    srv = Server(proc, base_url, log_path)
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"kiln serve exited with {proc.returncode} while starting:\n{srv.log()}")
-            try:
-                if httpx.get(f"{base_url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"kiln serve not healthy after {STARTUP_TIMEOUT_S} s:\n{srv.log()}")
-            time.sleep(0.5)
-        yield srv
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-                pytest.fail(f"kiln serve did not exit after SIGTERM:\n{srv.log()}")
-        # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal it caught, so
-        # the process ends by SIGTERM (or 0 with older uvicorns) -- after a clean shutdown.
-        assert proc.returncode in (0, -signal.SIGTERM), f"kiln serve exited with {proc.returncode}:\n{srv.log()}"
-        log_text = srv.log()
-        assert "Application shutdown complete" in log_text, log_text
-        assert "Traceback" not in log_text, log_text
-
-
-@pytest.fixture(scope="module")
-def http(server: Server):
+def http(server: KilnProcess):
     with httpx.Client(base_url=server.base_url, timeout=120) as client:
         yield client
 
 
 @pytest.fixture(scope="module")
-def client(server: Server) -> openai.OpenAI:
+def client(server: KilnProcess) -> openai.OpenAI:
     c = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0, timeout=120)
     yield c
     c.close()
@@ -161,7 +108,7 @@ def _chat_stream_text(stream) -> tuple[str, str | None, object]:
 # -- models and health --------------------------------------------------------------------
 
 
-def test_health_and_models(server: Server, http: httpx.Client, client: openai.OpenAI):
+def test_health_and_models(server: KilnProcess, http: httpx.Client, client: openai.OpenAI):
     r = http.get("/health")
     assert r.status_code == 200 and r.json()["status"] == "ok"
     models = client.models.list().data
@@ -472,7 +419,7 @@ def test_openai_client_errors(client: openai.OpenAI, model: str):
 # -- disconnects, concurrency, metrics ----------------------------------------------------
 
 
-def test_client_disconnect_mid_stream_frees_everything(server: Server, http: httpx.Client, model: str):
+def test_client_disconnect_mid_stream_frees_everything(server: KilnProcess, http: httpx.Client, model: str):
     before = _metrics(http)
     assert before["kiln_num_requests_running"] == 0
     body = {"model": model, "prompt": "Count forever:", "max_tokens": 2000, "temperature": 0,
@@ -521,7 +468,7 @@ PROMPTS = [
 ]
 
 
-def test_concurrent_requests_match_sequential(server: Server, model: str):
+def test_concurrent_requests_match_sequential(server: KilnProcess, model: str):
     async def run() -> tuple[list[str], list[str], list[str], list[str]]:
         async with openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="x",
                                       max_retries=0, timeout=120) as ac:
