@@ -10,7 +10,7 @@ PORT   ?= 8080
 TORCH_SPEC := torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: serve test install install-dev bench clean
+.PHONY: serve test install install-dev bench clean proto
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ $(BIN)/.installed: pyproject.toml
 
 $(BIN)/.installed-dev: $(BIN)/.installed
 	$(BIN)/pip install --quiet -e ".[dev]"
+	# TGI's Python client, for tests/test_tgi_sagemaker.py. --no-deps: it pins
+	# huggingface-hub<1.0, which transformers 5 refuses; what it imports (aiohttp, pydantic,
+	# requests, huggingface-hub) comes with the dev extra and the base install.
+	$(BIN)/pip install --quiet --no-deps text-generation==0.7.0
 	touch $@
 
 install: $(BIN)/.installed
@@ -38,6 +42,10 @@ test: install-dev
 
 bench: install-dev
 	$(BIN)/python bench/offline.py
+
+# Regenerate kiln/proto/ from proto/ (tests/test_grpc.py fails when they differ).
+proto: install-dev
+	$(BIN)/python -m kiln.proto.generate
 
 clean:
 	rm -rf $(VENV) .pytest_cache

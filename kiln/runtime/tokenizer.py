@@ -25,6 +25,20 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str:
         return self.backend.id_to_token(token_id) or ""
 
+    def encode_with_offsets(self, text: str) -> list[tuple[int, int, int]]:
+        """(token id, start, stop) per token, offsets in characters of `text`; the same
+        ids as `encode`. Special tokens added by the tokenizer span (0, 0)."""
+        enc = self.hf(text, return_offsets_mapping=True)
+        return [(tid, start, stop) for tid, (start, stop) in zip(enc["input_ids"], enc["offset_mapping"])]
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the special tokens (EOS, chat markers...)."""
+        ids = getattr(self, "_special_ids", None)
+        if ids is None:
+            ids = self._special_ids = frozenset(self.hf.all_special_ids)
+        return ids
+
     @property
     def has_chat_template(self) -> bool:
         return bool(self.hf.chat_template)

