@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import ServerConfig
 from ..runtime.engine import AsyncEngine, Engine
-from . import openai, sagemaker, tgi
+from . import admin, openai, sagemaker, tgi
 from .metrics import ServerMetrics
 from .openai import APIError
 from .schemas import ChatCompletionRequest, CompletionRequest, LMIRequest, TGIRequest
@@ -128,6 +128,7 @@ def create_app(state: ServerState | None = None, config: ServerConfig | None = N
     app.include_router(openai.router)
     app.include_router(tgi.router)
     app.include_router(sagemaker.router)
+    app.include_router(admin.router)
 
     @app.exception_handler(APIError)
     async def _api_error(_: HttpRequest, exc: APIError) -> JSONResponse:
