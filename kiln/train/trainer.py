@@ -149,7 +149,9 @@ def quantization_kwargs(dtype: torch.dtype, device: torch.device) -> dict[str, A
 def add_lora(model: Any, opts: TrainOptions) -> Any:
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=opts.rank, lora_alpha=opts.alpha, lora_dropout=opts.dropout,
+    # An integral alpha is written as an int: some adapter readers expect one.
+    alpha = int(opts.alpha) if float(opts.alpha).is_integer() else opts.alpha
+    config = LoraConfig(r=opts.rank, lora_alpha=alpha, lora_dropout=opts.dropout,
                         target_modules=opts.target_module_list, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
