@@ -84,7 +84,10 @@ def epoch_batches(n: int, opts: TrainOptions, epoch: int, dist: Dist) -> list[li
     """Micro-batches (lists of example indices) of one epoch for this process."""
     g = torch.Generator().manual_seed(opts.seed * 1000 + epoch)
     order = torch.randperm(n, generator=g).tolist()
-    per_rank = order[dist.rank :: dist.world] or order[:1]
+    # Pad to a multiple of the world size (as DistributedSampler does): every rank must run the
+    # same number of steps.
+    padded = order + order[: (-len(order)) % dist.world] if n >= dist.world else (order * dist.world)[: dist.world]
+    per_rank = padded[dist.rank :: dist.world]
     return [per_rank[i : i + opts.batch_size] for i in range(0, len(per_rank), opts.batch_size)]
 
 
@@ -179,12 +182,28 @@ def _setup_dist() -> tuple[Dist, torch.device]:
     return dist, device
 
 
+def _all_reduce(dist: Dist, device: torch.device, value: float, op: str) -> float:
+    """A scalar agreed by all ranks (the value itself in a single process)."""
+    if dist.world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if op == "broadcast":
+        torch.distributed.broadcast(t, src=0)
+    else:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM)
+    return float(t.item())
+
+
 def _progress(line: str) -> None:
     print(line, flush=True)
 
 
 def train(opts: TrainOptions) -> TrainResult:
     from transformers import AutoTokenizer
+
+    # peft imports bitsandbytes when installed; on CPUs without the optional `kernels` package
+    # it warns once that it uses its plain fallback, which is fine.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
     from ..runtime.models.loader import resolve_model
 
@@ -226,6 +245,11 @@ def train(opts: TrainOptions) -> TrainResult:
 
     train_model: Any = model
     if dist.world > 1:
+        # Rank 0's step is the run's step (DDP also copies rank 0's weights to every rank).
+        agreed = _all_reduce(dist, device, float(start), "broadcast")
+        if int(agreed) != start:
+            log.warning("rank %d resumed at step %d, rank 0 at step %d: following rank 0", dist.rank, start, int(agreed))
+            start = int(agreed)
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -241,7 +265,8 @@ def train(opts: TrainOptions) -> TrainResult:
     interrupted = False
     with StopFlag() as stop:
         while step < total:
-            if stop.set:
+            # Every rank must stop at the same step, or the others wait forever in all-reduce.
+            if _all_reduce(dist, device, float(stop.set), "max") > 0:
                 interrupted = True
                 break
             step += 1
@@ -271,14 +296,13 @@ def train(opts: TrainOptions) -> TrainResult:
             window_steps += 1
             if step % opts.log_every == 0 or step == total:
                 elapsed = max(1e-9, time.perf_counter() - window_start)
-                tps = window_tokens * dist.world / elapsed
-                print_fn(f"step={step}/{total} loss={window_loss / window_steps:.4f} lr={lr:.3e} "
+                tps = _all_reduce(dist, device, float(window_tokens), "sum") / elapsed
+                mean_loss = _all_reduce(dist, device, window_loss / window_steps, "sum") / dist.world
+                print_fn(f"step={step}/{total} loss={mean_loss:.4f} lr={lr:.3e} "
                          f"tokens_per_s={tps:.1f} epoch={epoch:.2f}")
                 window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
             if opts.checkpoint_every and step % opts.checkpoint_every == 0 and step < total:
                 save(step)
-        if stop.set and step < total:
-            interrupted = True
         # Save the resume point and the adapter: at the end, or on SIGTERM.
         save(step)
         if dist.main:
