@@ -37,6 +37,15 @@ FAST = ["--rank", "4", "--alpha", "8", "--dropout", "0", "--target-modules", "q_
         "--lr-scheduler", "constant", "--batch-size", "4"]
 
 
+@pytest.fixture
+def one_thread():
+    """The test machine is shared: oversubscribed torch threads are several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def base_folder() -> Path:
     from kiln.runtime.models.loader import resolve_model
@@ -77,7 +86,8 @@ def greedy(model, tokenizer, prompt_ids: list[int], n: int = 8) -> list[int]:
     return out[0, len(prompt_ids):].tolist()
 
 
-def test_train_writes_a_peft_adapter_that_changes_the_model(tmp_path: Path, base_folder: Path, tokenizer) -> None:
+def test_train_writes_a_peft_adapter_that_changes_the_model(tmp_path: Path, base_folder: Path, tokenizer,
+                                                            one_thread: None) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
