@@ -375,3 +375,15 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path: Path,
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert straight.last_loss == second.last_loss
+
+
+def test_learning_rate_schedules() -> None:
+    from kiln.train.options import TrainOptions
+    from kiln.train.trainer import lr_at
+
+    linear = TrainOptions(lr=1.0, warmup_steps=2, lr_scheduler="linear")
+    assert [round(lr_at(s, linear, 6), 3) for s in range(1, 7)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    cosine = TrainOptions(lr=1.0, lr_scheduler="cosine")
+    values = [lr_at(s, cosine, 4) for s in range(1, 5)]
+    assert values[0] == 1.0 and all(a > b > 0 for a, b in zip(values, values[1:]))
+    assert lr_at(3, TrainOptions(lr=0.5, lr_scheduler="constant"), 4) == 0.5

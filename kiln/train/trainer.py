@@ -74,10 +74,11 @@ def lr_at(step: int, opts: TrainOptions, total: int) -> float:
         return opts.lr * step / opts.warmup_steps
     if opts.lr_scheduler == "constant":
         return opts.lr
-    progress = (step - opts.warmup_steps) / max(1, total - opts.warmup_steps)
+    # The first step after warm-up runs at the peak, the last one just above zero.
+    progress = (step - opts.warmup_steps - 1) / max(1, total - opts.warmup_steps)
     if opts.lr_scheduler == "cosine":
-        return opts.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return opts.lr * max(0.0, 1 - progress + 1 / max(1, total - opts.warmup_steps))  # linear, > 0 at the end
+        return opts.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return opts.lr * (1 - progress)
 
 
 def epoch_batches(n: int, opts: TrainOptions, epoch: int, dist: Dist) -> list[list[int]]:
