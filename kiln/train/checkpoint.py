@@ -11,7 +11,6 @@ saving leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import json
-import logging
 import re
 import shutil
 from dataclasses import dataclass
@@ -20,8 +19,6 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-
-log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import os
 import sys
 import traceback
@@ -18,8 +17,6 @@ from typing import Any
 from . import sagemaker as sm
 from .data import DataError
 from .options import DEFAULT_SM_ROOT, TrainOptions, add_arguments, from_hyperparameters, merge, options_from_args
-
-log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_ERROR, EXIT_SIGTERM = 0, 1, 143
 
@@ -58,10 +55,16 @@ def to_argv(flags: dict[str, Any]) -> list[str]:
     return argv
 
 
+def contract_paths(flags: dict[str, Any]) -> sm.SageMakerPaths | None:
+    """The SageMaker tree when the contract applies: --sagemaker, or hyperparameters.json exists."""
+    paths = sm.SageMakerPaths(Path(flags.get("sm_root") or DEFAULT_SM_ROOT))
+    return paths if flags.get("sagemaker") or paths.hyperparameters.is_file() else None
+
+
 def resolve(flags: dict[str, Any]) -> tuple[TrainOptions, sm.SageMakerPaths | None]:
     """Final options and, under the SageMaker contract, its paths."""
-    paths = sm.SageMakerPaths(Path(flags.get("sm_root") or DEFAULT_SM_ROOT))
-    if not (flags.get("sagemaker") or paths.hyperparameters.is_file()):
+    paths = contract_paths(flags)
+    if paths is None:
         return merge(flags), None
     opts = merge(flags, from_hyperparameters(sm.read_hyperparameters(paths)))
     opts.sagemaker = True
@@ -75,9 +78,7 @@ def resolve(flags: dict[str, Any]) -> tuple[TrainOptions, sm.SageMakerPaths | No
 
 def run(args: argparse.Namespace) -> int:
     flags = options_from_args(args)
-    paths: sm.SageMakerPaths | None = None
-    if flags.get("sagemaker") or sm.SageMakerPaths(Path(flags.get("sm_root") or DEFAULT_SM_ROOT)).hyperparameters.is_file():
-        paths = sm.SageMakerPaths(Path(flags.get("sm_root") or DEFAULT_SM_ROOT))
+    paths = contract_paths(flags)  # known before anything can fail, for the failure file
     try:
         opts, paths = resolve(flags)
         opts.validate()
