@@ -258,6 +258,15 @@ def train(opts: TrainOptions) -> TrainResult:
         if dist.main:
             save_checkpoint(ckpt_dir, step, model, optimizer, params, fp, opts.keep_checkpoints)
 
+    def report(step: int, lr: float, epoch: float) -> None:
+        """One progress line for the steps since the last one (mean loss over ranks)."""
+        nonlocal window_loss, window_steps, window_tokens, window_start
+        elapsed = max(1e-9, time.perf_counter() - window_start)
+        tps = _all_reduce(dist, device, float(window_tokens), "sum") / elapsed
+        mean_loss = _all_reduce(dist, device, window_loss / window_steps, "sum") / dist.world
+        print_fn(f"step={step}/{total} loss={mean_loss:.4f} lr={lr:.3e} tokens_per_s={tps:.1f} epoch={epoch:.2f}")
+        window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+
     batches = micro_batches(len(examples), opts, dist, start * opts.grad_accum)
     model.train()
     step, epoch = start, start / steps_per_epoch
@@ -296,14 +305,11 @@ def train(opts: TrainOptions) -> TrainResult:
             window_loss += step_total
             window_steps += 1
             if step % opts.log_every == 0 or step == total:
-                elapsed = max(1e-9, time.perf_counter() - window_start)
-                tps = _all_reduce(dist, device, float(window_tokens), "sum") / elapsed
-                mean_loss = _all_reduce(dist, device, window_loss / window_steps, "sum") / dist.world
-                print_fn(f"step={step}/{total} loss={mean_loss:.4f} lr={lr:.3e} "
-                         f"tokens_per_s={tps:.1f} epoch={epoch:.2f}")
-                window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+                report(step, lr, epoch)
             if opts.checkpoint_every and step % opts.checkpoint_every == 0 and step < total:
                 save(step)
+        if window_steps:  # stopped inside a log window: report its steps too
+            report(step, lr_at(step, opts, total), epoch)
         # Save the resume point and the adapter: at the end, or on SIGTERM.
         save(step)
         if dist.main:
