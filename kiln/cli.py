@@ -1,4 +1,4 @@
-"""kiln's command line: `kiln serve`, `kiln generate`, `kiln convert`."""
+"""kiln's command line: `kiln serve`, `kiln generate`, `kiln convert`, `kiln train`."""
 
 from __future__ import annotations
 
@@ -166,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("gguf", nargs="?", default="default", help="a .gguf file, or 'default'")
     conv.add_argument("--out", default=None, help="output folder [default: under $KILN_CACHE]")
     conv.set_defaults(func=cmd_convert)
+
+    from .train.main import add_parser as add_train_parser  # logic lives in kiln/train/
+
+    add_train_parser(sub)
     return parser
 
 
