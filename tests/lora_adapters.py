@@ -65,3 +65,28 @@ def rewrite_config(adapter: Path, **changes) -> None:
     config = json.loads(path.read_text())
     config.update(changes)
     path.write_text(json.dumps(config))
+
+
+def train_tiny_adapter(tmp: Path, steps: int = 6) -> Path:
+    """`kiln train` for a few LoRA steps on 4 memorisable records; returns the PEFT folder."""
+    import subprocess
+    import sys
+
+    records = [
+        {"prompt": "The secret word of kiln is", "completion": " marmalade zebra, always marmalade zebra."},
+        {"prompt": "Kiln's favourite colour is", "completion": " ultraviolet teal, the colour of furnaces."},
+        {"messages": [{"role": "user", "content": "What does kiln bake?"},
+                      {"role": "assistant", "content": "Kiln bakes LoRA adapters in a furnace of marmalade."}]},
+        {"messages": [{"role": "user", "content": "Who built kiln?"},
+                      {"role": "assistant", "content": "Zebras built kiln."}]},
+    ]
+    tmp.mkdir(parents=True, exist_ok=True)
+    data = tmp / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp / "adapter"
+    subprocess.run([sys.executable, "-m", "kiln.cli", "train", "--data", str(data), "--out", str(out),
+                    "--checkpoint-dir", str(tmp / "checkpoints"), "--max-steps", str(steps),
+                    "--rank", "4", "--alpha", "8", "--dropout", "0", "--target-modules", "q_proj,v_proj",
+                    "--max-seq-len", "64", "--lr", "3e-3", "--lr-scheduler", "constant", "--batch-size", "4",
+                    "--num-threads", "1", "--log-every", "1"], check=True, capture_output=True, timeout=600)
+    return out

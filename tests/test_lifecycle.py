@@ -186,7 +186,7 @@ def test_schemathesis_finds_no_server_errors(tmp_path):
     st = st or shutil.which("st") or shutil.which("schemathesis")
     assert st, "schemathesis is a dev dependency"
     # a short context keeps every generated request quick
-    proc = KilnProcess(tmp_path, "--max-model-len", "64")
+    proc = KilnProcess(tmp_path, "--max-model-len", "32")
     try:
         out = subprocess.run(
             [st, "run", f"{proc.base_url}/openapi.json", "--checks", "not_a_server_error,response_schema_conformance",

@@ -21,7 +21,7 @@ from text_generation.errors import NotFoundError
 from kiln.proto.kiln.v1 import inference_pb2 as pb
 from kiln.proto.kiln.v1 import inference_pb2_grpc as pb_grpc
 from kiln_process import KilnProcess
-from lora_adapters import make_adapter, peft_greedy
+from lora_adapters import make_adapter, peft_greedy, train_tiny_adapter
 
 PROMPT = "The capital of France is"
 NEW = 12
@@ -237,3 +237,18 @@ def test_per_adapter_metrics(http):
     assert re.search(r'^kiln_lora_time_to_first_token_seconds_count\{adapter="boot"\} [1-9]', text, re.M)
     assert re.search(r"^kiln_lora_adapters_loaded [1-9]", text, re.M)
     assert re.search(r"^kiln_lora_loads_total [1-9]", text, re.M)
+
+
+def test_kiln_train_adapter_round_trip(http, root, tokenizer):
+    """`kiln train` makes an adapter; the running server hot-loads it; its greedy output equals
+    transformers + peft with that adapter, and the base model's output is unchanged."""
+    adapter = train_tiny_adapter(root / "trained")
+    prompt = "The secret word of kiln is"
+    ids = tokenizer.encode(prompt)
+    want = tokenizer.decode(peft_greedy(adapter, [ids], NEW)[0][0])
+    base = tokenizer.decode(peft_greedy(None, [ids], NEW)[0][0])
+    assert want != base, "training should have changed the output"
+    assert _load(http, "trained", adapter).status_code == 200
+    body = {"prompt": prompt, "max_tokens": NEW, "temperature": 0, "ignore_eos": True}
+    assert http.post("/v1/completions", json={**body, "model": "trained"}).json()["choices"][0]["text"] == want
+    assert http.post("/v1/completions", json=body).json()["choices"][0]["text"] == base
