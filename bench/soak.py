@@ -113,8 +113,11 @@ async def swap_hot_adapter(client: httpx.AsyncClient, url: str, path: Path | Non
             r = await client.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "hot"})
         else:
             r = await client.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "hot", "lora_path": str(path)})
-        counts["adapter_swaps" if r.status_code == 200 else f"failed_swap_{r.status_code}"] += 1
-        loaded = not loaded
+        if r.status_code == 200:
+            counts["adapter_swaps"] += 1
+            loaded = not loaded
+        else:
+            counts[f"failed_swap_{r.status_code}"] += 1
         await asyncio.sleep(3.0)
     if loaded:
         await client.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "hot"})

@@ -153,11 +153,15 @@ def test_unload_lets_running_requests_finish_and_refuses_new_ones(adapters, prom
     engine.lora.unload("all")
     with pytest.raises(AdapterNotFoundError):
         engine.check_request(prompt_ids[1], GREEDY, "all")
+    assert engine.lora.list() == [] and engine.stats().num_adapters == 0
     while engine.has_work:
         for out in engine.step():
             tokens.extend(out.new_token_ids)
     assert tokens == alone
-    assert engine.lora.list() == [] and engine.stats().num_adapters == 0
+    # the name is free at once: a new version loads under it, with its own prefix-cache salt
+    reloaded = engine.lora.load("all", adapters["all"])
+    assert _run(engine, [(prompt_ids[0], "all")])[0] == alone
+    assert reloaded.in_use == 0
 
 
 # -- bad adapters ------------------------------------------------------------------------

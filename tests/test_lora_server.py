@@ -16,7 +16,6 @@ import httpx
 import openai
 import pytest
 from text_generation import Client
-from text_generation.errors import NotFoundError
 
 from kiln.proto.kiln.v1 import inference_pb2 as pb
 from kiln.proto.kiln.v1 import inference_pb2_grpc as pb_grpc
@@ -174,16 +173,23 @@ def test_bad_loads_are_refused_and_the_server_keeps_serving(http, root, tmp_path
 
 
 def test_tgi_adapter_id(server, http, root, expected):
+    """TGI's parameters.adapter_id, through huggingface_hub's InferenceClient (text-generation
+    0.7's Client has no adapter_id argument)."""
+    from huggingface_hub import InferenceClient
+
     assert _load(http, "tgi-hot", root / "hot").status_code == 200
-    tgi = Client(server.base_url, timeout=120)
-    # TGI's client has no ignore_eos; 12 greedy tokens of this prompt do not reach EOS.
-    got = tgi.generate(PROMPT, max_new_tokens=NEW, adapter_id="tgi-hot")
-    assert got.generated_text == expected["hot"]
-    streamed = "".join(r.token.text for r in tgi.generate_stream(PROMPT, max_new_tokens=NEW, adapter_id="boot")
-                       if not r.token.special)
+    client = InferenceClient(model=server.base_url, timeout=120)
+    # The TGI API has no ignore_eos; 12 greedy tokens of this prompt do not reach EOS.
+    got = client.text_generation(PROMPT, max_new_tokens=NEW, adapter_id="tgi-hot", details=True)
+    assert got.generated_text == expected["hot"] and got.details.generated_tokens == NEW
+    streamed = "".join(client.text_generation(PROMPT, max_new_tokens=NEW, adapter_id="boot", stream=True))
     assert streamed == expected["boot"]
-    with pytest.raises(NotFoundError):
-        tgi.generate(PROMPT, max_new_tokens=2, adapter_id="nope")
+    tgi = Client(server.base_url, timeout=120)  # TGI's own client: the base model
+    assert tgi.generate(PROMPT, max_new_tokens=NEW).generated_text == expected[None]
+    with pytest.raises(Exception, match="adapter 'nope' is not loaded"):  # the hub client's UnknownError
+        client.text_generation(PROMPT, max_new_tokens=2, adapter_id="nope")
+    r = http.post("/generate", json={"inputs": PROMPT, "parameters": {"adapter_id": "nope"}})
+    assert r.status_code == 404 and r.json()["error_type"] == "not_found"
     assert http.post("/v1/unload_lora_adapter", json={"lora_name": "tgi-hot"}).status_code == 200
 
 

@@ -293,22 +293,22 @@ class LoraManager:
     def unload(self, name: str) -> None:
         """Forget an adapter. Requests using it finish first; new ones are refused at once."""
         with self._lock:
-            adapter = self._adapters.get(name)
-            if adapter is None or adapter.unloading:
+            adapter = self._adapters.pop(name, None)
+            if adapter is None:
                 raise AdapterNotFoundError(f"no adapter named {name!r} is loaded")
+            # Requests holding it keep their reference until they finish; the name is free
+            # at once, so a new version can be loaded under it (with a new prefix-cache salt).
             adapter.unloading = True
-            if adapter.in_use == 0:
-                del self._adapters[name]
-        log.info("adapter unloaded: name=%s", name)
+        log.info("adapter unloaded: name=%s (requests still using it: %d)", name, adapter.in_use)
 
     def list(self) -> list[Adapter]:
         with self._lock:
-            return [a for a in self._adapters.values() if not a.unloading]
+            return list(self._adapters.values())
 
     def get(self, name: str) -> Adapter:
         with self._lock:
             adapter = self._adapters.get(name)
-        if adapter is None or adapter.unloading:
+        if adapter is None:
             raise AdapterNotFoundError(f"no adapter named {name!r} is loaded")
         return adapter
 
@@ -318,7 +318,7 @@ class LoraManager:
         """Hold an adapter for a request, re-reading its weights if they were evicted."""
         with self._lock:
             adapter = self._adapters.get(name)
-            if adapter is None or adapter.unloading:
+            if adapter is None:
                 raise AdapterNotFoundError(f"no adapter named {name!r} is loaded")
             adapter.in_use += 1
             adapter.last_used = time.monotonic()
@@ -339,8 +339,6 @@ class LoraManager:
         with self._lock:
             adapter.in_use -= 1
             adapter.last_used = time.monotonic()
-            if adapter.unloading and adapter.in_use == 0 and self._adapters.get(adapter.name) is adapter:
-                del self._adapters[adapter.name]
 
     def _evict_over_budget(self, keep: Adapter) -> None:
         """Drop the weights of least recently used idle adapters until under the budget."""
@@ -358,8 +356,7 @@ class LoraManager:
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            live = [a for a in self._adapters.values() if not a.unloading]
             resident = [a for a in self._adapters.values() if a.weights is not None]
-            return {"num_adapters": len(live), "num_adapters_resident": len(resident),
+            return {"num_adapters": len(self._adapters), "num_adapters_resident": len(resident),
                     "adapter_resident_bytes": sum(a.nbytes for a in resident),
                     "adapter_loads": self.num_loads, "adapter_evictions": self.num_evictions}
