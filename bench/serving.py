@@ -124,9 +124,13 @@ async def run_load(url: str, model: str | None, prompts: list[str], max_tokens: 
     }
 
 
-def start_kiln(port: int, extra: list[str]) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", "--port", str(port), "--grpc-port", "0",
-                             *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start_kiln(port: int, extra: list[str], log: Path | None = None) -> subprocess.Popen:
+    """Start `kiln serve`; its output goes to `log` (default bench/results/kiln-PORT.log)."""
+    log = log or Path(__file__).parent / "results" / f"kiln-{port}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", "--port", str(port), "--grpc-port", "0",
+                                 *extra], stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         try:

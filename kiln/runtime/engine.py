@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -355,6 +356,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = False
+        self._adapter_loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-adapter-load")
         self._thread = threading.Thread(target=self._loop, name="kiln-engine", daemon=True)
         self._thread.start()
 
@@ -394,9 +396,11 @@ class AsyncEngine:
         params.validate()
         self.engine.check_request(prompt_token_ids, params, lora_name)
 
-    # Adapter management is thread-safe; a load reads files: await it via asyncio.to_thread.
-    def load_adapter(self, name: str, path: str) -> Adapter:
-        return self.engine.load_adapter(name, path)
+    # Adapter management is thread-safe. Loads read and convert files: they run on one
+    # dedicated thread (off the event loop, and in one malloc arena rather than many).
+    async def load_adapter(self, name: str, path: str) -> Adapter:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._adapter_loader, self.engine.load_adapter, name, path)
 
     def unload_adapter(self, name: str) -> None:
         self.engine.unload_adapter(name)
@@ -446,6 +450,7 @@ class AsyncEngine:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=10)
+        self._adapter_loader.shutdown(wait=False, cancel_futures=True)
 
     # -- the engine thread ----------------------------------------------------------
 

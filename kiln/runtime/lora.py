@@ -14,6 +14,8 @@ How many distinct adapters one running batch may hold (`max_loras`) is the sched
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import itertools
 import json
 import logging
@@ -81,6 +83,23 @@ class Adapter:
 
 
 _uids = itertools.count(1)
+
+
+def _return_freed_memory() -> None:
+    """Give freed heap pages back to the OS. Adapter weights are tens of MB, allocated and freed
+    on whichever thread loads them; glibc keeps such memory in its per-thread arenas, so a
+    server that swaps adapters all day would otherwise grow."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def _parts(cfg: ModelConfig) -> dict[str, list[tuple[int, int]]]:
@@ -299,7 +318,11 @@ class LoraManager:
             # Requests holding it keep their reference until they finish; the name is free
             # at once, so a new version can be loaded under it (with a new prefix-cache salt).
             adapter.unloading = True
+            idle = adapter.in_use == 0
         log.info("adapter unloaded: name=%s (requests still using it: %d)", name, adapter.in_use)
+        if idle:
+            del adapter
+            _return_freed_memory()
 
     def list(self) -> list[Adapter]:
         with self._lock:
@@ -339,6 +362,10 @@ class LoraManager:
         with self._lock:
             adapter.in_use -= 1
             adapter.last_used = time.monotonic()
+            last_user_of_unloaded = adapter.unloading and adapter.in_use == 0
+        if last_user_of_unloaded:
+            adapter.weights = None  # the caller's reference may outlive this call
+            _return_freed_memory()
 
     def _evict_over_budget(self, keep: Adapter) -> None:
         """Drop the weights of least recently used idle adapters until under the budget."""
@@ -353,6 +380,7 @@ class LoraManager:
             total -= victim.nbytes
             self.num_evictions += 1
             log.info("adapter evicted from memory: name=%s (re-read on next use)", victim.name)
+            _return_freed_memory()
 
     def stats(self) -> dict[str, int]:
         with self._lock:

@@ -4,7 +4,6 @@ so traffic keeps flowing while an adapter loads."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request as HttpRequest
@@ -40,7 +39,7 @@ def adapter_card(adapter: Adapter) -> dict[str, Any]:
 
 async def load(engine: AsyncEngine, name: str, path: str) -> Adapter:
     try:
-        return await asyncio.to_thread(engine.load_adapter, name, path)
+        return await engine.load_adapter(name, path)
     except AdapterError as exc:
         raise APIError(400, str(exc), param="lora_path") from None
 

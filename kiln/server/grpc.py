@@ -321,7 +321,7 @@ class InferenceServicer(_Base, pb_grpc.InferenceServicer):
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, context) -> pb.LoadAdapterResponse:
         if not request.name or not request.path:
             raise ValueError("LoadAdapter needs a name and a path")
-        adapter = await asyncio.to_thread(self.engine().load_adapter, request.name, request.path)
+        adapter = await self.engine().load_adapter(request.name, request.path)
         return pb.LoadAdapterResponse(adapter=pb.Adapter(name=adapter.name, path=str(adapter.path)))
 
     @_unary

@@ -140,7 +140,7 @@ async def merged(streams: list[RequestStream], metrics) -> AsyncIterator[tuple[i
             await asyncio.gather(*tasks, return_exceptions=True)
     except APIError:
         raise
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, RuntimeError, LookupError) as exc:  # LookupError: an adapter unloaded meanwhile
         raise runtime_error_to_api(exc) from None
     finally:
         for stream in streams:
