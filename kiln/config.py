@@ -30,6 +30,7 @@ class EngineConfig:
     max_input_tokens: int | None = None  # longest prompt accepted; default: max_model_len - 1
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch threads; default: all cores
+    attention_backend: str = "auto"  # auto | cpu | triton | flash-attn
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -50,6 +51,8 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
         if self.max_input_tokens is not None and self.max_input_tokens < 1:
             raise ValueError("max_input_tokens must be >= 1")
+        if self.attention_backend not in ("auto", "cpu", "triton", "flash-attn"):
+            raise ValueError(f"unknown attention_backend {self.attention_backend!r}: use auto, cpu, triton or flash-attn")
 
 
 @dataclass
@@ -108,6 +111,8 @@ SETTINGS: list[Setting] = [
     Setting("engine.enable_prefix_caching", "KILN_ENABLE_PREFIX_CACHING", ("OPTION_ENABLE_PREFIX_CACHING",),
             "share KV blocks of common prompt prefixes"),
     Setting("engine.num_threads", "KILN_NUM_THREADS", (), "torch CPU threads"),
+    Setting("engine.attention_backend", "KILN_ATTENTION_BACKEND", (),
+            "auto (cuda backend when CUDA is present, else cpu), cpu, triton or flash-attn"),
     Setting("server.host", "KILN_HOST", (), "address to bind"),
     Setting("server.port", "KILN_PORT", ("SAGEMAKER_BIND_TO_PORT",), "HTTP port"),
     Setting("server.grpc_port", "KILN_GRPC_PORT", (), "gRPC port; 0 disables it (inside SAGEMAKER_SAFE_PORT_RANGE when that is set)"),

@@ -14,12 +14,11 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import psutil
 import torch
 
 from ..config import EngineConfig
 from .backends.base import kv_bytes_per_block
-from .backends.cpu import CpuBackend
+from .backends.select import available_memory, choose_attention_backend, create_backend
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import BlockPool
 from .model_runner import ModelRunner
@@ -90,12 +89,14 @@ class Engine:
         self.model.eval()
 
         per_block = kv_bytes_per_block(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size, dtype)
-        budget = config.kv_cache_bytes or int(psutil.virtual_memory().available * config.kv_cache_memory_fraction)
+        choice = choose_attention_backend(config.attention_backend)
+        budget = config.kv_cache_bytes or int(available_memory(choice) * config.kv_cache_memory_fraction)
         num_blocks = budget // per_block
         if num_blocks < 1:
             raise ValueError(f"KV budget of {budget} bytes is smaller than one block ({per_block} bytes)")
-        self.backend = CpuBackend(mc.num_layers, mc.num_heads, mc.num_kv_heads, mc.head_dim,
-                                  num_blocks, config.block_size, dtype)
+        self.backend = create_backend(choice, mc.num_layers, mc.num_heads, mc.num_kv_heads, mc.head_dim,
+                                      num_blocks, config.block_size, dtype,
+                                      max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len)
         self.backend.prepare_model(self.model)
         self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(

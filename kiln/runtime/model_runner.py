@@ -89,8 +89,11 @@ class ModelRunner:
 
         t0 = time.perf_counter()
         state = self.backend.prepare(meta)
-        logits = self.model(
-            torch.cat(ids_t), torch.cat(pos_t), self.backend, state,
-            torch.tensor(rows, dtype=torch.long),
-        )
+        args = (torch.cat(ids_t), torch.cat(pos_t))
+        logits_indices = torch.tensor(rows, dtype=torch.long)
+        device_forward = getattr(self.backend, "forward", None)  # a device backend moves tensors, replays graphs
+        if device_forward is not None:
+            logits = device_forward(self.model, *args, state, logits_indices)
+        else:
+            logits = self.model(*args, self.backend, state, logits_indices)
         return StepResult(logits, sampled, time.perf_counter() - t0)
