@@ -97,10 +97,10 @@ class CudaBackend:
         self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         self.num_sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
                         if self.device.type == "cuda" else 132)
-        self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self.graph_sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_num_seqs]
-        if max_num_seqs not in self.graph_sizes and max_num_seqs < GRAPH_BATCH_SIZES[-1]:
+        if GRAPH_BATCH_SIZES and max_num_seqs not in self.graph_sizes and max_num_seqs < GRAPH_BATCH_SIZES[-1]:
             self.graph_sizes.append(max_num_seqs)
+        self.use_graphs = cuda_graphs and self.device.type == "cuda" and bool(self.graph_sizes)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         log.info("cuda backend: prefill=%s, decode=triton, cuda_graphs=%s, device=%s",
                  prefill, self.use_graphs, self.device)
