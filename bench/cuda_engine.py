@@ -156,8 +156,13 @@ def main() -> int:
     chunked = engine(model, "triton", max_num_batched_tokens=64)
     compare("cuda_fp32_chunked_prefill_64", ref, chunked.generate(prompts, greedy), results)
     del chunked
+    cpu16 = engine(model, "cpu", "bfloat16")
+    ref16 = cpu16.generate(prompts, greedy)
+    del cpu16
     bf16 = engine(model, "triton", "bfloat16")
-    compare("cuda_bf16_vs_cpu_fp32", ref, bf16.generate(prompts, greedy), results)
+    got16 = bf16.generate(prompts, greedy)
+    compare("cuda_bf16_vs_cpu_bf16", ref16, got16, results)
+    compare("cuda_bf16_vs_cpu_fp32", ref, got16, results)
     del bf16
     torch.cuda.empty_cache()
     for dtype, graphs in (("bfloat16", True), ("bfloat16", False), ("float32", True)):

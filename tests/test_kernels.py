@@ -165,8 +165,8 @@ def test_rotary(dtype, D, Hq, Hk) -> None:
     q = qkv[:, :Hq * D].view(T, Hq, D)
     k = qkv[:, Hq * D:(Hq + Hk) * D].view(T, Hk, D)
     positions = torch.randint(0, max_pos, (T,), generator=g).to(DEV)
-    q_ref = rotary_ref(q.double(), ang.cos(), ang.sin(), positions.cpu())
-    k_ref = rotary_ref(k.double(), ang.cos(), ang.sin(), positions.cpu())
+    q_ref = rotary_ref(q.double().cpu(), ang.cos(), ang.sin(), positions.cpu())
+    k_ref = rotary_ref(k.double().cpu(), ang.cos(), ang.sin(), positions.cpu())
     v_before = qkv[:, (Hq + Hk) * D:].clone()
     rotary_inplace(q, k, cos, sin, positions)
     assert rel_err(q, q_ref) < TOL[dtype] and rel_err(k, k_ref) < TOL[dtype]

@@ -18,14 +18,17 @@ from ._util import dot_f32, next_pow2
 
 # Keys per inner iteration; a split covers a multiple of it.
 BLOCK_N = 64
+# The merge kernel reads up to this many splits per head (one compiled variant for all).
+MAX_SPLITS = 64
 
 
-@triton.jit
+# Values that change from step to step are not specialised on (no recompiles while serving).
+@triton.jit(do_not_specialize=["part_size", "num_splits", "stride_bt"])
 def _decode_kernel(
-    Q, K, V, O, O_PART, LSE, BT, CTX, scale_log2, part_size,
+    Q, K, V, O, O_PART, LSE, BT, CTX, scale_log2, part_size, num_splits,
     stride_qb, stride_qh, stride_ob, stride_oh,
     stride_ks, stride_kh, stride_vs, stride_vh, stride_bt,
-    NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    SINGLE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -70,28 +73,28 @@ def _decode_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty).to(v.dtype), v, input_precision="ieee").to(tl.float32)
             m_i = m_new
 
-    if NUM_SPLITS == 1:
+    if SINGLE:
         tl.store(O + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  (acc / l_i[:, None]).to(O.dtype.element_ty), mask=gd_mask)
     else:
         # An empty split (past the end of this sequence) writes lse = -inf: weight 0.
         safe_l = tl.where(l_i > 0, l_i, 1.0)
-        row = (seq * GROUP * tl.num_programs(1) + heads) * NUM_SPLITS + split  # [B, H, S] index
+        row = (seq * GROUP * tl.num_programs(1) + heads) * num_splits + split  # [B, H, S] index
         tl.store(O_PART + row[:, None] * HEAD_DIM + offs_d[None, :], acc / safe_l[:, None], mask=gd_mask)
         tl.store(LSE + row, tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf")), mask=g_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_kernel(
-    O, O_PART, LSE, stride_ob, stride_oh,
-    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    O, O_PART, LSE, num_splits, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_valid = offs_s < NUM_SPLITS
-    row = (seq * tl.num_programs(1) + head) * NUM_SPLITS + offs_s
+    s_valid = offs_s < num_splits
+    row = (seq * tl.num_programs(1) + head) * num_splits + offs_s
     lse = tl.load(LSE + row, mask=s_valid, other=float("-inf"))
     w = tl.exp2(lse - tl.max(lse, 0))
     part = tl.load(O_PART + row[:, None] * HEAD_DIM + offs_d[None, :],
@@ -106,7 +109,7 @@ def num_splits_for(batch: int, num_kv_heads: int, max_context: int, num_sms: int
     programs = max(1, batch * num_kv_heads)
     want = max(1, (2 * num_sms) // programs)
     most = max(1, triton.cdiv(max_context, 4 * BLOCK_N))
-    return int(min(want, most, 64))
+    return int(min(want, most, MAX_SPLITS))
 
 
 def decode_attention(
@@ -124,7 +127,7 @@ def decode_attention(
         out = torch.empty_like(q)
     if B == 0:
         return out
-    part = triton.cdiv(triton.cdiv(max_context, num_splits), BLOCK_N) * BLOCK_N
+    part = triton.cdiv(triton.cdiv(max_context, min(num_splits, MAX_SPLITS)), BLOCK_N) * BLOCK_N
     num_splits = triton.cdiv(max_context, part)
     if num_splits > 1:
         o_part = torch.empty(B, H, num_splits, D, dtype=torch.float32, device=q.device)
@@ -132,16 +135,16 @@ def decode_attention(
     else:
         o_part = lse = out  # unused
     _decode_kernel[(B, Hkv, num_splits)](
-        q, k_cache, v_cache, out, o_part, lse, block_tables, context_lens, scale * 1.4426950408889634, part,
+        q, k_cache, v_cache, out, o_part, lse, block_tables, context_lens, scale * 1.4426950408889634, part, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), block_tables.stride(0),
-        NUM_SPLITS=num_splits, GROUP=group, HEAD_DIM=D, BLOCK_SIZE=block_size,
+        SINGLE=num_splits == 1, GROUP=group, HEAD_DIM=D, BLOCK_SIZE=block_size,
         BLOCK_G=max(16, next_pow2(group)), BLOCK_N=BLOCK_N, BLOCK_D=next_pow2(D), DOT_F32=dot_f32(q),
     )
     if num_splits > 1:
         _merge_kernel[(B, H)](
-            out, o_part, lse, out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, HEAD_DIM=D, BLOCK_S=next_pow2(num_splits), BLOCK_D=next_pow2(D),
+            out, o_part, lse, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=D, BLOCK_S=MAX_SPLITS, BLOCK_D=next_pow2(D),
         )
     return out
 

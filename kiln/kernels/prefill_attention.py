@@ -18,7 +18,8 @@ import triton.language as tl
 from ._util import dot_f32, next_pow2
 
 
-@triton.jit
+# The block-table width changes from step to step: no specialisation on it (no recompiles).
+@triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(
     Q, K, V, O, BT, CU_Q, CTX, scale_log2,
     stride_qt, stride_qh, stride_ot, stride_oh,
