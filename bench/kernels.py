@@ -116,6 +116,45 @@ def bench_prefill(args, rows: list[dict]) -> None:
             torch.cuda.empty_cache()
 
 
+def tune_prefill(args, rows: list[dict]) -> None:
+    """Try tile configs (BLOCK_M, BLOCK_N, warps, stages) of the prefill kernel."""
+    from kiln.kernels.prefill_attention import prefill_attention
+
+    d = 128
+    configs = [(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 2),
+               (128, 32, 4, 3), (64, 32, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2)]
+    for batch, length in ((8, 512), (1, 8192)):
+        kc, vc, tables, kd, vd = paged_cache(batch, length, 8, d, 16, torch.bfloat16)
+        q = torch.randn(batch * length, 32, d, device="cuda", dtype=torch.bfloat16)
+        cu = torch.arange(0, batch + 1, device="cuda", dtype=torch.int32) * length
+        ctx = torch.full((batch,), length, device="cuda", dtype=torch.int32)
+        qd = q.view(batch, length, 32, d).transpose(1, 2)
+        ref = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)
+        ref = ref.transpose(1, 2).reshape(batch * length, 32, d)
+        flops = 2 * batch * 32 * d * length * length
+        for cfg in configs:
+            def fn(cfg=cfg):
+                return prefill_attention(q, kc, vc, tables, cu, ctx, length, d ** -0.5, 16, config=cfg)
+            try:
+                t = timeit(fn, args.iters)
+            except Exception as exc:  # a config that does not fit (shared memory) is skipped
+                print(f"prefill tune {cfg}: {type(exc).__name__}", flush=True)
+                continue
+            rows.append(dict(kernel="prefill-tune", impl=f"kiln triton {cfg}", batch=batch, context=length, hq=32,
+                             hkv=8, d=d, ms=t * 1e3, tflops=flops / t / 1e12, tbps=0.0, rel_err=rel(fn(), ref)))
+            report(rows[-1])
+
+
+def graphed(fn: Callable[[], object]) -> Callable[[], object]:
+    """The same call captured in a CUDA graph, as the engine runs decode: no launch overhead."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def bench_decode(args, rows: list[dict]) -> None:
     from kiln.kernels.decode_attention import decode_attention, num_splits_for
 
@@ -133,9 +172,10 @@ def bench_decode(args, rows: list[dict]) -> None:
             splits = num_splits_for(batch, hkv, length, sms)
             qd = q.unsqueeze(2)
             ref = F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True).squeeze(2)
+            ours = lambda: decode_attention(q, kc, vc, tables, ctx, d ** -0.5, 16, length, splits)  # noqa: E731
             impls = {
-                f"kiln triton (paged, {splits} splits)": lambda: decode_attention(
-                    q, kc, vc, tables, ctx, d ** -0.5, 16, length, splits),
+                f"kiln triton (paged, {splits} splits)": ours,
+                "  same, CUDA graph replay": graphed(ours),
                 "torch sdpa (dense)": lambda: F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True).squeeze(2),
             }
             if fa is not None:
@@ -144,8 +184,9 @@ def bench_decode(args, rows: list[dict]) -> None:
                     q.unsqueeze(1), kf, vf, cache_seqlens=ctx).squeeze(1)
             for name, fn in impls.items():
                 t = timeit(fn, args.iters)
+                res = ours() if "graph" in name else fn()
                 rows.append(dict(kernel="decode", impl=name, batch=batch, context=length, hq=hq, hkv=hkv, d=d,
-                                 ms=t * 1e3, tflops=flops / t / 1e12, tbps=nbytes / t / 1e12, rel_err=rel(fn(), ref)))
+                                 ms=t * 1e3, tflops=flops / t / 1e12, tbps=nbytes / t / 1e12, rel_err=rel(res, ref)))
                 report(rows[-1])
             del kc, vc, kd, vd
             torch.cuda.empty_cache()
@@ -202,7 +243,8 @@ def report(row: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=["prefill", "decode", "elementwise"], action="append")
+    parser.add_argument("--only", choices=["prefill", "decode", "elementwise", "tune"], action="append",
+                        help="run only these parts (repeatable); 'tune' sweeps prefill tile configs")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--json", help="write every row and the ceilings here")
     args = parser.parse_args(argv)
@@ -226,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_decode(args, rows)
     if "elementwise" in only:
         bench_elementwise(args, rows)
+    if "tune" in only:
+        tune_prefill(args, rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": props.name, "host": platform.node(), "ceilings": ceil, "rows": rows,

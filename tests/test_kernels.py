@@ -64,12 +64,12 @@ def paged(g: torch.Generator, contexts: list[int], block_size: int) -> tuple[tor
 
 # -- prefill attention ------------------------------------------------------------------
 # (dtype, head_dim, q heads, kv heads, block size, [(cached, new) per sequence])
-# Cached lengths end mid-block (5, 23, 40, 7) and on a block edge (16, 32, 48, 64); new
+# Cached lengths end mid-block (5, 23, 40, 7, 70) and on a block edge (16, 32, 48, 64); new
 # lengths range from 1 to 200; group sizes 1, 3, 4, 8 (8 over one KV head is MQA).
 PREFILL_CASES = [
     (F32, 64, 2, 2, 16, [(0, 1), (0, 37), (16, 20), (5, 64)]),
     (BF16, 80, 6, 2, 32, [(0, 200), (32, 1), (40, 17)]),
-    (F16, 96, 4, 1, 16, [(0, 3), (23, 50), (48, 9)]),
+    (F16, 96, 4, 1, 16, [(0, 3), (23, 50), (48, 9), (70, 60)]),
     (F32, 128, 8, 1, 32, [(0, 130), (64, 70), (7, 2)]),
     (BF16, 64, 9, 3, 16, [(0, 12), (16, 16)]),  # the default model's shape
 ]

@@ -18,6 +18,43 @@ import triton.language as tl
 from ._util import dot_f32, next_pow2
 
 
+@triton.jit
+def _attend(q, acc, l_i, m_i, K, V, BT, seq, kv_head, q_pos, lo, hi, scale_log2,
+            stride_ks, stride_kh, stride_vs, stride_vh, stride_bt,
+            HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+            DOT_F32: tl.constexpr, MASKED: tl.constexpr):
+    """Fold keys [lo, hi) into the online softmax. Unmasked tiles (every key before every
+    query of the tile, all inside the context) skip the bounds and causal masks."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + offs_n
+        if MASKED:
+            n_valid = pos < hi
+            block = tl.load(BT + seq * stride_bt + pos // BLOCK_SIZE, mask=n_valid, other=0)
+            kv_mask = n_valid[:, None] & d_valid[None, :]
+        else:
+            block = tl.load(BT + seq * stride_bt + pos // BLOCK_SIZE)
+            kv_mask = d_valid[None, :]
+        slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
+        k = tl.load(K + slot[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + slot[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee").to(tl.float32) * scale_log2
+        if MASKED:
+            s = tl.where((pos[None, :] <= q_pos[:, None]) & n_valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty).to(v.dtype), v, input_precision="ieee").to(tl.float32)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
 # The block-table width changes from step to step: no specialisation on it (no recompiles).
 @triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(
@@ -40,7 +77,6 @@ def _prefill_kernel(
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # query index within the sequence
     offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
     m_valid = offs_m < q_len
     d_valid = offs_d < HEAD_DIM
     q_pos = cached + offs_m  # absolute position of each query
@@ -53,27 +89,17 @@ def _prefill_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # Causal: this tile's last query sees keys up to its own position.
-    end = tl.minimum(ctx, cached + (tile + 1) * BLOCK_M)
-    for start in range(0, end, BLOCK_N):
-        pos = start + offs_n
-        n_valid = pos < end
-        block = tl.load(BT + seq * stride_bt + pos // BLOCK_SIZE, mask=n_valid, other=0)
-        slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
-        kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(K + slot[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + slot[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee").to(tl.float32) * scale_log2
-        s = tl.where((pos[None, :] <= q_pos[:, None]) & n_valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty).to(v.dtype), v, input_precision="ieee").to(tl.float32)
-        m_i = m_new
+    # Keys before this tile's first query are seen by all its queries: whole tiles of them
+    # need no mask. The rest, up to the tile's last query (causal), is masked.
+    first_q = cached + tile * BLOCK_M
+    full = (first_q // BLOCK_N) * BLOCK_N
+    end = tl.minimum(ctx, first_q + BLOCK_M)
+    acc, l_i, m_i = _attend(q, acc, l_i, m_i, K, V, BT, seq, kv_head, q_pos, 0, full, scale_log2,
+                            stride_ks, stride_kh, stride_vs, stride_vh, stride_bt,
+                            HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, DOT_F32, False)
+    acc, l_i, m_i = _attend(q, acc, l_i, m_i, K, V, BT, seq, kv_head, q_pos, full, end, scale_log2,
+                            stride_ks, stride_kh, stride_vs, stride_vh, stride_bt,
+                            HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, DOT_F32, True)
 
     out = acc / l_i[:, None]
     tl.store(O + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
@@ -83,7 +109,7 @@ def _prefill_kernel(
 def prefill_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     cu_q: torch.Tensor, context_lens: torch.Tensor, max_query_len: int, scale: float,
-    block_size: int, out: torch.Tensor | None = None,
+    block_size: int, out: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """q [T, H, D] (the new tokens of all prefilling sequences, packed); k/v_cache
     [slots, Hkv, D] with slot = block * block_size + offset; block_tables [S, max_blocks];
@@ -96,9 +122,7 @@ def prefill_attention(
     if T == 0 or S == 0:
         return out
     assert k_cache.stride(-1) == 1 and q.stride(-1) == 1 and out.stride(-1) == 1
-    block_m, block_n = 64, 64
-    if q.is_cuda and D > 128:
-        block_m, block_n = 32, 32
+    block_m, block_n, warps, stages = config or _config(q)
     grid = (triton.cdiv(max_query_len, block_m), S, H)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, block_tables, cu_q, context_lens, scale * 1.4426950408889634,
@@ -106,8 +130,20 @@ def prefill_attention(
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), block_tables.stride(0),
         GROUP=H // Hkv, HEAD_DIM=D, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=next_pow2(D), DOT_F32=dot_f32(q),
+        num_warps=warps, num_stages=stages,
     )
     return out
+
+
+def _config(q: torch.Tensor) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    if not q.is_cuda:
+        return 64, 64, 4, 1  # the interpreter: small tiles keep the tests quick
+    return PREFILL_CONFIG
+
+
+# Tiles for the GPU, chosen with `bench/kernels.py --tune` on an H100 (bench/RESULTS.md).
+PREFILL_CONFIG = (64, 64, 4, 3)
 
 
 def prefill_attention_ref(
