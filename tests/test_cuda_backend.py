@@ -23,6 +23,7 @@ from kiln.config import EngineConfig  # noqa: E402
 from kiln.runtime.backends import select  # noqa: E402
 from kiln.runtime.backends.base import AttentionMetadata, PrefillSlice  # noqa: E402
 from kiln.runtime.backends.cpu import CpuBackend  # noqa: E402
+from kiln.kernels.prefill_attention import prefill_attention_ref  # noqa: E402
 from kiln.runtime.backends.cuda import CudaBackend  # noqa: E402
 from kiln.runtime.models.llama import LlamaForCausalLM  # noqa: E402
 from kiln.runtime.models.loader import resolve_model  # noqa: E402
@@ -161,3 +162,55 @@ def test_model_forward_matches_cpu_backend() -> None:
         err = float((got.double() - ref.double()).norm() / ref.double().norm())
         assert err < 1e-4, err
         assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+# -- prefill routing when flash-attn is present ---------------------------------------------
+class _VarlenStandIn:
+    """flash_attn_varlen_func's contract in plain torch (flash-attn cannot be installed on
+    this machine): packed q/k/v, cumulative lengths, causal, GQA by head groups."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal):
+        self.calls += 1
+        assert causal and torch.equal(cu_q, cu_k) and max_q == max_k
+        out = torch.empty_like(q)
+        group = q.shape[1] // k.shape[1]
+        for s in range(len(cu_q) - 1):
+            a, b = int(cu_q[s]), int(cu_q[s + 1])
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1), k[a:b].repeat_interleave(group, 1).transpose(0, 1),
+                v[a:b].repeat_interleave(group, 1).transpose(0, 1), is_causal=True, scale=softmax_scale)
+            out[a:b] = o.transpose(0, 1)
+        return out
+
+
+@pytest.mark.skipif(CUDA, reason="routing is checked on CPU tensors")
+def test_prefill_routes_to_flash_attn_only_without_cached_context() -> None:
+    H, Hkv, D = 4, 2, 64
+    backend = CudaBackend(1, H, Hkv, D, 8, BS, torch.float32, device="cpu", cuda_graphs=False)
+    backend.flash_varlen = stand_in = _VarlenStandIn()
+    g = torch.Generator().manual_seed(3)
+
+    def run(meta: AttentionMetadata, n: int) -> float:
+        """Attention output's relative error against the float64 reference over the cache."""
+        q, k, v = (torch.randn(n, h, D, generator=g) for h in (H, Hkv, Hkv))
+        out = backend.attention(0, q, k, v, backend.prepare(meta)).view(n, H, D)
+        lens = [p.query_len for p in meta.prefills]
+        cu = torch.tensor([0] + [sum(lens[:i + 1]) for i in range(len(lens))])
+        tables = torch.stack([p.block_ids for p in meta.prefills])
+        ctx = torch.tensor([p.context_len for p in meta.prefills])
+        ref = prefill_attention_ref(q.double(), backend.k_cache[0], backend.v_cache[0], tables, cu, ctx, D ** -0.5, BS)
+        return float((out.double() - ref).norm() / ref.norm())
+
+    fresh = AttentionMetadata(torch.cat([torch.arange(16, 28), torch.arange(32, 40)]), 0,
+                              torch.zeros(0, dtype=torch.long), torch.zeros(0, 0, dtype=torch.long),
+                              [PrefillSlice(0, 12, 12, torch.tensor([1])), PrefillSlice(12, 8, 8, torch.tensor([2]))])
+    assert run(fresh, 20) < 1e-5
+    assert stand_in.calls == 1
+    # A second chunk of the first sequence attends to its 12 cached tokens: Triton's kernel.
+    chunk = AttentionMetadata(torch.arange(28, 32), 0, torch.zeros(0, dtype=torch.long),
+                              torch.zeros(0, 0, dtype=torch.long), [PrefillSlice(0, 4, 16, torch.tensor([1]))])
+    assert run(chunk, 4) < 1e-5
+    assert stand_in.calls == 1

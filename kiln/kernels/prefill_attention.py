@@ -143,7 +143,7 @@ def _config(q: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 # Tiles for the GPU, chosen with `bench/kernels.py --tune` on an H100 (bench/RESULTS.md).
-PREFILL_CONFIG = (64, 64, 4, 3)
+PREFILL_CONFIG = (64, 64, 4, 2)
 
 
 def prefill_attention_ref(
