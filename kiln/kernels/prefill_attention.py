@@ -50,7 +50,7 @@ def _attend(q, acc, l_i, m_i, K, V, BT, seq, kv_head, q_pos, lo, hi, scale_log2,
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty).to(v.dtype), v, input_precision="ieee").to(tl.float32)
+        acc = tl.dot(p.to(V.dtype.element_ty).to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
         m_i = m_new
     return acc, l_i, m_i
 
@@ -64,13 +64,15 @@ def _prefill_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    tile = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
     kv_head = head // GROUP
     q_start = tl.load(CU_Q + seq)
     q_len = tl.load(CU_Q + seq + 1) - q_start
-    if tile * BLOCK_M >= q_len:
+    # The last query tiles see the most keys: launch them first, so the short ones fill
+    # the tail of the grid.
+    tile = tl.cdiv(q_len, BLOCK_M) - 1 - tl.program_id(0)
+    if tile < 0:
         return
     ctx = tl.load(CTX + seq)
     cached = ctx - q_len
