@@ -1,7 +1,8 @@
 """A bounded soak of `kiln serve`: mixed traffic for a set number of minutes — streaming and
-not, chat and completions, random client cancellations, bad requests among good ones — then
-checks that every KV block is free again and that resident memory is back near its level
-after warm-up.
+not, chat and completions, random client cancellations, bad requests among good ones, LoRA
+adapters (one loaded at start, one hot-loaded and unloaded every few seconds while requests
+for it flow) — then checks that every KV block is free again and that resident memory is back
+near its level after warm-up.
 
     python bench/soak.py --minutes 10 --concurrency 16
 """
@@ -13,7 +14,9 @@ import asyncio
 import json
 import random
 import re
+import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -45,7 +48,11 @@ BAD_BODIES = [
 ]
 
 
-async def one(client: httpx.AsyncClient, url: str, rng: random.Random, prompts: list[str], counts: Counter) -> None:
+ADAPTERS = [None, None, "steady", "hot"]  # what requests ask for: base twice as often
+
+
+async def one(client: httpx.AsyncClient, url: str, rng: random.Random, prompts: list[str], counts: Counter,
+              adapters: bool) -> None:
     kind = rng.random()
     if kind < 0.08:
         r = await client.post(f"{url}/v1/completions", json=rng.choice(BAD_BODIES))
@@ -60,16 +67,22 @@ async def one(client: httpx.AsyncClient, url: str, rng: random.Random, prompts: 
         params["seed"] = rng.randint(0, 1000)
     if rng.random() < 0.2:
         params["stop"] = ["\n\n", " the"]
+    model = rng.choice(ADAPTERS) if adapters else None
+    if model:
+        params["model"] = model
     prompt = rng.choice(prompts)
     path, body = (("/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}], **params})
                   if chat else ("/v1/completions", {"prompt": prompt, **params}))
     try:
         if not stream:
             r = await client.post(url + path, json=body)
-            counts["completed" if r.status_code == 200 else f"failed_{r.status_code}"] += 1
+            counts["completed" if r.status_code == 200 else _refusal(r.status_code, model)] += 1
             return
         async with client.stream("POST", url + path, json=body) as r:
             if r.status_code != 200:
+                if r.status_code == 404 and model == "hot":
+                    counts["hot_adapter_unloaded_404"] += 1
+                    return
                 counts[f"failed_{r.status_code}"] += 1
                 return
             chunks = 0
@@ -84,7 +97,30 @@ async def one(client: httpx.AsyncClient, url: str, rng: random.Random, prompts: 
         counts[f"failed_{type(exc).__name__}"] += 1
 
 
-async def soak(url: str, minutes: float, concurrency: int, seed: int) -> Counter:
+def _refusal(status: int, model: str | None) -> str:
+    # "hot" is unloaded now and then on purpose: a 404 for it is the expected answer.
+    return "hot_adapter_unloaded_404" if status == 404 and model == "hot" else f"failed_{status}"
+
+
+async def swap_hot_adapter(client: httpx.AsyncClient, url: str, path: Path | None, stop_at: float,
+                           counts: Counter) -> None:
+    """Load and unload the "hot" adapter every few seconds while traffic flows."""
+    if path is None:
+        return
+    loaded = False
+    while time.monotonic() < stop_at:
+        if loaded:
+            r = await client.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "hot"})
+        else:
+            r = await client.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "hot", "lora_path": str(path)})
+        counts["adapter_swaps" if r.status_code == 200 else f"failed_swap_{r.status_code}"] += 1
+        loaded = not loaded
+        await asyncio.sleep(3.0)
+    if loaded:
+        await client.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "hot"})
+
+
+async def soak(url: str, minutes: float, concurrency: int, seed: int, hot: Path | None = None) -> Counter:
     prompts = make_prompts(200, seed, 5, 150)
     counts: Counter = Counter()
     stop_at = time.monotonic() + minutes * 60
@@ -92,9 +128,10 @@ async def soak(url: str, minutes: float, concurrency: int, seed: int) -> Counter
         async def worker(i: int) -> None:
             wrng = random.Random(seed * 1000 + i)
             while time.monotonic() < stop_at:
-                await one(client, url, wrng, prompts, counts)
+                await one(client, url, wrng, prompts, counts, hot is not None)
 
-        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+        await asyncio.gather(swap_hot_adapter(client, url, hot, stop_at, counts),
+                             *(worker(i) for i in range(concurrency)))
     return counts
 
 
@@ -106,16 +143,29 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=8091)
     ap.add_argument("--kiln-args", default="--kv-cache-bytes 512M")
     ap.add_argument("--rss-tolerance", type=float, default=0.15, help="allowed RSS growth after warm-up")
+    ap.add_argument("--no-adapters", action="store_true", help="base model only, no LoRA traffic")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    proc = start_kiln(args.port, args.kiln_args.split())
+    adapter_dir = Path(tempfile.mkdtemp(prefix="kiln-soak-adapters-"))
+    kiln_args = args.kiln_args.split()
+    hot = None
+    if not args.no_adapters:
+        from lora import write_adapter
+
+        from kiln.runtime.models.loader import ModelConfig, resolve_model
+
+        cfg = ModelConfig.from_folder(resolve_model("default"))
+        steady = write_adapter(adapter_dir / "steady", cfg, rank=8, seed=1)
+        hot = write_adapter(adapter_dir / "hot", cfg, rank=16, seed=2)
+        kiln_args += ["--lora", f"steady={steady}", "--lora-root", str(adapter_dir)]
+    proc = start_kiln(args.port, kiln_args)
     url = f"http://127.0.0.1:{args.port}"
     try:
-        asyncio.run(soak(url, 0.5, args.concurrency, args.seed + 1))  # warm-up
+        asyncio.run(soak(url, 0.5, args.concurrency, args.seed + 1, hot))  # warm-up
         time.sleep(2)
         rss_warm = rss_mib(proc.pid)
         start = time.monotonic()
-        counts = asyncio.run(soak(url, args.minutes, args.concurrency, args.seed))
+        counts = asyncio.run(soak(url, args.minutes, args.concurrency, args.seed, hot))
         elapsed = time.monotonic() - start
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -131,6 +181,7 @@ def main() -> int:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+        shutil.rmtree(adapter_dir, ignore_errors=True)
     report = {
         "minutes": elapsed / 60, "concurrency": args.concurrency, "counts": dict(counts),
         "kv_blocks_free": free, "kv_blocks_total": total, "rss_after_warmup_mib": rss_warm,

@@ -37,6 +37,19 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", choices=["auto", "cpu", "triton", "flash-attn"], default=None,
                    help="auto: the cuda backend (Triton kernels, flash-attn prefill when installed) when "
                         "CUDA is present, else cpu; or force one [env KILN_ATTENTION_BACKEND; default auto]")
+    g = parser.add_argument_group("LoRA adapters")
+    g.add_argument("--lora", dest="loras", action="append", default=None, metavar="NAME=PATH",
+                   help="load a PEFT adapter folder at start under NAME (repeatable); requests pick it "
+                        "with model=NAME (OpenAI), adapter_id (TGI, gRPC) or SageMaker's adapter header")
+    g.add_argument("--lora-root", dest="lora_roots", action="append", default=None, metavar="DIR",
+                   help="allow runtime loads (POST /v1/load_lora_adapter, POST /adapters, gRPC "
+                        "LoadAdapter) of adapters under DIR (repeatable); without it they are refused")
+    g.add_argument("--max-loras", type=int, default=None,
+                   help=f"distinct adapters in one running batch; requests for more wait [default {d.max_loras}]")
+    g.add_argument("--max-lora-rank", type=int, default=None, help=f"largest adapter rank accepted [default {d.max_lora_rank}]")
+    g.add_argument("--lora-cache-bytes", type=_size, default=None,
+                   help="adapter weights kept in memory; least recently used idle adapters are dropped "
+                        "and re-read from disk on demand [default 1G]")
 
 
 def _size(text: str) -> int:
@@ -52,6 +65,9 @@ _SERVER_FLAGS = ("host", "port", "grpc_port", "api_key", "max_concurrent_request
 
 def _config(args: argparse.Namespace) -> ServerConfig:
     cli: dict[str, object] = {f"engine.{name}": getattr(args, name, None) for name in vars(EngineConfig())}
+    for name in ("loras", "lora_roots"):  # repeatable flags -> the comma-separated setting
+        if isinstance(cli[f"engine.{name}"], list):
+            cli[f"engine.{name}"] = ",".join(cli[f"engine.{name}"])
     cli.update({f"server.{name}": getattr(args, name, None) for name in _SERVER_FLAGS})
     return load_config(cli)
 

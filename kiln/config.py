@@ -31,6 +31,21 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch threads; default: all cores
     attention_backend: str = "auto"  # auto | cpu | triton | flash-attn
+    # LoRA adapters
+    loras: str | None = None  # adapters loaded at start: "NAME=PATH[,NAME=PATH...]"
+    lora_roots: str | None = None  # folders runtime loads may read from ("DIR[,DIR...]")
+    max_loras: int = 8  # distinct adapters in one running batch
+    max_lora_rank: int = 64
+    lora_cache_bytes: int = 1 << 30  # adapter weights kept in memory; LRU idle ones evicted
+
+    def startup_loras(self) -> list[tuple[str, str]]:
+        pairs = []
+        for item in filter(None, (s.strip() for s in (self.loras or "").split(","))):
+            name, sep, path = item.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise ValueError(f"adapter {item!r}: expected NAME=PATH")
+            pairs.append((name.strip(), path.strip()))
+        return pairs
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -53,6 +68,11 @@ class EngineConfig:
             raise ValueError("max_input_tokens must be >= 1")
         if self.attention_backend not in ("auto", "cpu", "triton", "flash-attn"):
             raise ValueError(f"unknown attention_backend {self.attention_backend!r}: use auto, cpu, triton or flash-attn")
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ValueError("max_loras and max_lora_rank must be >= 1")
+        if self.lora_cache_bytes < 0:
+            raise ValueError("lora_cache_bytes must be >= 0")
+        self.startup_loras()
 
 
 @dataclass
@@ -113,6 +133,14 @@ SETTINGS: list[Setting] = [
     Setting("engine.num_threads", "KILN_NUM_THREADS", (), "torch CPU threads"),
     Setting("engine.attention_backend", "KILN_ATTENTION_BACKEND", (),
             "auto (cuda backend when CUDA is present, else cpu), cpu, triton or flash-attn"),
+    Setting("engine.loras", "KILN_LORAS", ("LORA_ADAPTERS",),
+            "LoRA adapters loaded at start, NAME=PATH separated by commas (--lora, repeatable)"),
+    Setting("engine.lora_roots", "KILN_LORA_ROOTS", (),
+            "folders (comma-separated) that runtime adapter loads may read from; unset: runtime loads are refused"),
+    Setting("engine.max_loras", "KILN_MAX_LORAS", ("OPTION_MAX_LORAS",), "distinct LoRA adapters in one running batch"),
+    Setting("engine.max_lora_rank", "KILN_MAX_LORA_RANK", ("OPTION_MAX_LORA_RANK",), "largest adapter rank accepted"),
+    Setting("engine.lora_cache_bytes", "KILN_LORA_CACHE_BYTES", (),
+            "adapter weights kept in memory; least recently used idle adapters are evicted and re-read on demand"),
     Setting("server.host", "KILN_HOST", (), "address to bind"),
     Setting("server.port", "KILN_PORT", ("SAGEMAKER_BIND_TO_PORT",), "HTTP port"),
     Setting("server.grpc_port", "KILN_GRPC_PORT", (), "gRPC port; 0 disables it (inside SAGEMAKER_SAFE_PORT_RANGE when that is set)"),
@@ -147,7 +175,7 @@ def _convert(target: str, raw: str, current):
         if value not in ("float32", "bfloat16", "float16"):
             raise ValueError("expected float32, bfloat16 or float16")
         return value
-    if name in ("kv_cache_bytes", "max_body_bytes"):
+    if name in ("kv_cache_bytes", "max_body_bytes", "lora_cache_bytes"):
         return parse_size(raw)
     if isinstance(current, bool) or name == "enable_prefix_caching":
         value = raw.strip().lower()
@@ -155,7 +183,7 @@ def _convert(target: str, raw: str, current):
             raise ValueError("expected true or false")
         return value in ("1", "true", "yes", "on")
     int_fields = {"block_size", "max_num_batched_tokens", "max_num_seqs", "max_model_len", "max_input_tokens",
-                  "num_threads", "port", "grpc_port", "max_concurrent_requests"}
+                  "num_threads", "port", "grpc_port", "max_concurrent_requests", "max_loras", "max_lora_rank"}
     if name in int_fields:
         return int(raw)
     if name in ("kv_cache_memory_fraction", "request_timeout", "shutdown_grace"):

@@ -275,13 +275,18 @@ def test_return_full_text_and_compat_route(http: httpx.Client):
     (b'{"inputs": "x", "parameters": {"stop": [""]}}', ["stop"]),
     (b'{"inputs": "x", "parameters": {"top_n_tokens": 50}}', ["top_n_tokens"]),
     (b'{"inputs": "x", "parameters": {"best_of": 2}}', ["best_of"]),
-    (b'{"inputs": "x", "parameters": {"adapter_id": "my-lora"}}', ["adapter", "my-lora"]),
     (b'{"inputs": "x", "parameters": {"truncate": 100000}}', ["truncate"]),
 ])
 def test_tgi_validation_errors(http: httpx.Client, body: bytes, words: list[str]):
     for path in ("/generate", "/generate_stream"):
         r = http.post(path, content=body, headers={"content-type": "application/json"})
         _assert_tgi_error(r, 422, "validation", *words)
+
+
+def test_unknown_adapter_is_404(http: httpx.Client):
+    for path in ("/generate", "/generate_stream"):
+        r = http.post(path, json={"inputs": "x", "parameters": {"adapter_id": "my-lora"}})
+        _assert_tgi_error(r, 404, "not_found", "adapter", "my-lora", "not loaded")
 
 
 def test_server_still_serves_after_bad_requests(http: httpx.Client, tgi: Client):

@@ -14,6 +14,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from pathlib import Path
+
 import torch
 
 from ..config import EngineConfig
@@ -21,6 +23,7 @@ from .backends.base import kv_bytes_per_block
 from .backends.select import available_memory, choose_attention_backend, create_backend
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import BlockPool
+from .lora import Adapter, AdapterNotFoundError, LoraManager, LoraSettings
 from .model_runner import ModelRunner
 from .models.llama import LlamaForCausalLM
 from .models.loader import ModelConfig, resolve_model
@@ -45,6 +48,11 @@ class EngineStats:
     num_steps: int
     forward_seconds: float  # cumulative time in the model forward
     step_seconds: float  # cumulative time in whole steps
+    num_adapters: int = 0
+    num_adapters_resident: int = 0
+    adapter_resident_bytes: int = 0
+    adapter_loads: int = 0
+    adapter_evictions: int = 0
 
 
 @dataclass
@@ -98,11 +106,16 @@ class Engine:
                                       num_blocks, config.block_size, dtype,
                                       max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len)
         self.backend.prepare_model(self.model)
+        roots = tuple(Path(r.strip()) for r in (config.lora_roots or "").split(",") if r.strip())
+        self.lora = LoraManager(self.model, mc, LoraSettings(
+            config.max_loras, config.max_lora_rank, config.lora_cache_bytes, roots), dtype)
+        for name, path in config.startup_loras():
+            self.lora.load(name, path, confine=False)  # the operator's own choice at start
         self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs), self.pool
+            SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, config.max_loras), self.pool
         )
-        self.runner = ModelRunner(self.model, self.backend, config.block_size)
+        self.runner = ModelRunner(self.model, self.backend, config.block_size, self.lora.context)
         self._tracked: dict[str, _Tracked] = {}
         self._eos = frozenset(mc.eos_token_ids)
         self.num_steps = 0
@@ -117,8 +130,12 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------
 
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError (a client error) if the request can never be served."""
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams,
+                      lora_name: str | None = None) -> None:
+        """Raise ValueError (a client error) if the request can never be served, and
+        AdapterNotFoundError for an adapter that is not loaded."""
+        if lora_name is not None:
+            self.lora.get(lora_name)
         n = len(prompt_token_ids)
         if n == 0:
             raise ValueError("the prompt is empty")
@@ -147,6 +164,8 @@ class Engine:
         params.validate()
         self.check_request(request.prompt_token_ids, params)
         seq = Sequence(request, list(request.prompt_token_ids), len(request.prompt_token_ids))
+        if request.lora_name is not None:
+            seq.adapter = self.lora.acquire(request.lora_name)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._eos)
         detok = IncrementalDetokenizer(
             self.tokenizer.backend,
@@ -154,15 +173,39 @@ class Engine:
             include_stop_str_in_output=params.include_stop_str_in_output,
             skip_special_tokens=params.skip_special_tokens,
         )
-        self.scheduler.add(seq)
+        try:
+            self.scheduler.add(seq)
+        except ValueError:
+            self._release(seq)
+            raise
         self._tracked[request.request_id] = _Tracked(seq, detok, stop_ids)
 
     def abort(self, request_id: str) -> bool:
         tracked = self._tracked.pop(request_id, None)
         if tracked is None:
             return False
-        self.scheduler.finish(tracked.seq)
+        self._finish(tracked.seq)
         return True
+
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.adapter is not None:
+            self.lora.release(seq.adapter)
+            seq.adapter = None
+
+    # -- adapters (thread-safe; loads read files: call them off the event loop) --------
+
+    def load_adapter(self, name: str, path: str) -> Adapter:
+        return self.lora.load(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        self.lora.unload(name)
+
+    def list_adapters(self) -> list[Adapter]:
+        return self.lora.list()
 
     @property
     def has_work(self) -> bool:
@@ -234,7 +277,7 @@ class Engine:
         )
         if finish is not None:
             del self._tracked[seq.request_id]
-            self.scheduler.finish(seq)
+            self._finish(seq)
         return out
 
     def stats(self) -> EngineStats:
@@ -250,6 +293,7 @@ class Engine:
             num_steps=self.num_steps,
             forward_seconds=self.forward_seconds,
             step_seconds=self.step_seconds,
+            **self.lora.stats(),
         )
 
     def fail_all(self, message: str) -> list[RequestOutput]:
@@ -346,19 +390,31 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams,
+                      lora_name: str | None = None) -> None:
         params.validate()
-        self.engine.check_request(prompt_token_ids, params)
+        self.engine.check_request(prompt_token_ids, params, lora_name)
+
+    # Adapter management is thread-safe; a load reads files: await it via asyncio.to_thread.
+    def load_adapter(self, name: str, path: str) -> Adapter:
+        return self.engine.load_adapter(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        self.engine.unload_adapter(name)
+
+    def list_adapters(self) -> list[Adapter]:
+        return self.engine.list_adapters()
 
     def submit(self, request: Request) -> "RequestStream":
         """Admit a request and return its stream of deltas. Raises at once, before anything
-        is streamed: ValueError (bad request), QueueFullError (too many in flight),
-        EngineDeadError (stopped or draining). Closing the stream early aborts the request."""
+        is streamed: ValueError (bad request), AdapterNotFoundError (unknown adapter),
+        QueueFullError (too many in flight), EngineDeadError (stopped or draining). Closing
+        the stream early aborts the request."""
         if not self.is_alive:
             raise EngineDeadError("the engine loop is not running")
         if not self._accepting:
             raise EngineDeadError("the server is shutting down")
-        self.check_request(request.prompt_token_ids, request.params)
+        self.check_request(request.prompt_token_ids, request.params, request.lora_name)
         limit = self.max_concurrent_requests
         if limit is not None and len(self._streams) >= limit:
             raise QueueFullError(f"the server is at its limit of {limit} requests in flight; retry later")
@@ -418,7 +474,7 @@ class AsyncEngine:
                 for request in adds:
                     try:
                         engine.add_request(request)
-                    except ValueError as exc:
+                    except (ValueError, AdapterNotFoundError) as exc:  # e.g. unloaded meanwhile
                         errors.append((request.request_id, exc))
                 for request_id in aborts:
                     engine.abort(request_id)

@@ -86,15 +86,16 @@ class BlockPool:
             out.append(parent)
         return out
 
-    def find_cached_prefix(self, token_ids: Sequence[int]) -> tuple[list[int], list[int]]:
+    def find_cached_prefix(self, token_ids: Sequence[int], salt: int | None = None) -> tuple[list[int], list[int]]:
         """Cached blocks for the longest block-aligned prefix of `token_ids`, always leaving
         at least one token to compute (its logits are needed). Takes no reference: call
-        `take` once the caller commits. Returns (block ids, their chained hashes)."""
+        `take` once the caller commits. Returns (block ids, their chained hashes). `salt`
+        starts the hash chain: KV computed under a LoRA adapter is only shared within it."""
         if not self.enable_prefix_caching:
             return [], []
         hits: list[int] = []
         hashes: list[int] = []
-        for h in self.chain_hashes(token_ids, (len(token_ids) - 1) // self.block_size):
+        for h in self.chain_hashes(token_ids, (len(token_ids) - 1) // self.block_size, parent=salt):
             block_id = self._by_hash.get(h)
             if block_id is None:
                 break

@@ -13,6 +13,7 @@ import torch
 
 from .backends.base import AttentionMetadata, PrefillSlice
 from .models.llama import LlamaForCausalLM
+from .lora import LoraContext
 from .scheduler import ScheduledBatch, Sequence
 
 
@@ -24,10 +25,12 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, backend, block_size: int) -> None:
+    def __init__(self, model: LlamaForCausalLM, backend, block_size: int,
+                 lora_context: LoraContext | None = None) -> None:
         self.model = model
         self.backend = backend
         self.block_size = block_size
+        self.lora_context = lora_context
 
     def execute(self, batch: ScheduledBatch) -> StepResult:
         bs = self.block_size
@@ -87,13 +90,41 @@ class ModelRunner:
                 sampled.append(seq)
                 rows.append(sl.query_start + n - 1)
 
+        if self.lora_context is not None:
+            self.lora_context.segments = _lora_segments(decodes, prefills, slices)
         t0 = time.perf_counter()
-        state = self.backend.prepare(meta)
-        args = (torch.cat(ids_t), torch.cat(pos_t))
-        logits_indices = torch.tensor(rows, dtype=torch.long)
-        device_forward = getattr(self.backend, "forward", None)  # a device backend moves tensors, replays graphs
-        if device_forward is not None:
-            logits = device_forward(self.model, *args, state, logits_indices)
-        else:
-            logits = self.model(*args, self.backend, state, logits_indices)
+        try:
+            state = self.backend.prepare(meta)
+            args = (torch.cat(ids_t), torch.cat(pos_t))
+            logits_indices = torch.tensor(rows, dtype=torch.long)
+            device_forward = getattr(self.backend, "forward", None)  # a device backend moves tensors, replays graphs
+            if device_forward is not None:
+                # A captured CUDA graph holds no LoRA term: batches with adapters run eagerly.
+                lora = self.lora_context is not None and bool(self.lora_context.segments)
+                logits = device_forward(self.model, *args, state, logits_indices, use_graphs=not lora)
+            else:
+                logits = self.model(*args, self.backend, state, logits_indices)
+        finally:
+            if self.lora_context is not None:
+                self.lora_context.segments = []
         return StepResult(logits, sampled, time.perf_counter() - t0)
+
+
+def _lora_segments(decodes: list[Sequence], prefills: list[tuple[Sequence, int]],
+                   slices: list[PrefillSlice]) -> list:
+    """The flat-batch rows of each adapter in the batch: a slice when they are contiguous
+    (one adapter, or a prefill), else an index tensor."""
+    rows: dict[int, tuple[object, list[int]]] = {}
+    for i, seq in enumerate(decodes):
+        if seq.adapter is not None:
+            rows.setdefault(id(seq.adapter), (seq.adapter, []))[1].append(i)
+    for (seq, n), sl in zip(prefills, slices):
+        if seq.adapter is not None:
+            rows.setdefault(id(seq.adapter), (seq.adapter, []))[1].extend(range(sl.query_start, sl.query_start + n))
+    segments = []
+    for adapter, idx in rows.values():
+        if idx[-1] - idx[0] + 1 == len(idx):  # rows are appended in increasing order
+            segments.append((adapter, slice(idx[0], idx[-1] + 1)))
+        else:
+            segments.append((adapter, torch.tensor(idx, dtype=torch.long)))
+    return segments

@@ -107,6 +107,7 @@ class Request:
     params: SamplingParams
     prompt: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    lora_name: str | None = None  # a loaded LoRA adapter; None: the base model
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from .kv_cache import BlockPool, BlockTable
 from .request import Request
@@ -32,6 +33,11 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
     num_preemptions: int = 0
+    adapter: Any = None  # a runtime.lora.Adapter held for this request, or None
+
+    @property
+    def cache_salt(self) -> int | None:
+        return self.adapter.cache_salt if self.adapter is not None else None
 
     @property
     def request_id(self) -> str:
@@ -50,6 +56,7 @@ class Sequence:
 class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
+    max_loras: int = 0  # distinct LoRA adapters in the running batch; 0: no limit
 
 
 @dataclass
@@ -123,7 +130,9 @@ class Scheduler:
             budget -= n
             i += 1
 
-        # 2. Admit waiting sequences (none while we are short of blocks).
+        # 2. Admit waiting sequences (none while we are short of blocks), in arrival order; a
+        # request whose adapter would exceed max_loras waits until one leaves the batch.
+        adapters = {id(s.adapter) for s in self.running if s.adapter is not None}
         while (
             not preempted
             and self.waiting
@@ -131,7 +140,10 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             seq = self.waiting[0]
-            hits, hashes = self.pool.find_cached_prefix(seq.token_ids)
+            if (seq.adapter is not None and self.config.max_loras
+                    and id(seq.adapter) not in adapters and len(adapters) >= self.config.max_loras):
+                break
+            hits, hashes = self.pool.find_cached_prefix(seq.token_ids, seq.cache_salt)
             num_cached = len(hits) * self.pool.block_size
             n = min(seq.num_tokens - num_cached, budget)
             need = self.pool.blocks_needed(num_cached + n) - len(hits)
@@ -146,6 +158,8 @@ class Scheduler:
                 seq.num_cached_prompt_tokens = num_cached
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
+            if seq.adapter is not None:
+                adapters.add(id(seq.adapter))
             seqs.append(seq)
             counts.append(n)
             budget -= n
@@ -170,7 +184,7 @@ class Scheduler:
             table = seq.block_table
             full = seq.num_computed_tokens // bs
             if full > len(table.hashes) and self.pool.enable_prefix_caching:
-                parent = table.hashes[-1] if table.hashes else None
+                parent = table.hashes[-1] if table.hashes else seq.cache_salt
                 new = self.pool.chain_hashes(seq.token_ids, full, len(table.hashes), parent)
                 for index, h in enumerate(new, start=len(table.hashes)):
                     self.pool.cache_full_block(table.block_ids[index], h)

@@ -14,19 +14,23 @@ import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import ServerConfig
 from ..runtime.engine import AsyncEngine, Engine
-from . import openai, sagemaker, tgi
+from . import admin, openai, sagemaker, tgi
 from .metrics import ServerMetrics
 from .openai import APIError
+from .schemas import ChatCompletionRequest, CompletionRequest, LMIRequest, TGIRequest
 from .tgi import TGIError
 
 log = logging.getLogger("kiln.server")
@@ -124,6 +128,7 @@ def create_app(state: ServerState | None = None, config: ServerConfig | None = N
     app.include_router(openai.router)
     app.include_router(tgi.router)
     app.include_router(sagemaker.router)
+    app.include_router(admin.router)
 
     @app.exception_handler(APIError)
     async def _api_error(_: HttpRequest, exc: APIError) -> JSONResponse:
@@ -170,7 +175,45 @@ def create_app(state: ServerState | None = None, config: ServerConfig | None = N
     async def metrics() -> Response:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            app.openapi_schema = _document_manual_routes(schema)
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
+
+
+def _document_manual_routes(schema: dict[str, Any]) -> dict[str, Any]:
+    """The TGI and SageMaker routes parse their bodies themselves (to answer in TGI's error
+    shape and to accept several content types), so FastAPI cannot see their bodies: describe
+    them here, so that clients and schema-driven fuzzers see the real contract."""
+    _, top = models_json_schema(
+        [(model, "validation") for model in (TGIRequest, LMIRequest, CompletionRequest, ChatCompletionRequest)],
+        ref_template="#/components/schemas/{model}",
+    )
+    schema.setdefault("components", {}).setdefault("schemas", {}).update(top["$defs"])
+
+    def ref(name: str) -> dict[str, str]:
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    paths = schema["paths"]
+    for path in ("/generate", "/generate_stream", "/", "/tokenize"):
+        paths[path]["post"]["requestBody"] = {
+            "required": True, "content": {"application/json": {"schema": ref("TGIRequest")}}}
+    paths["/invocations"]["post"]["requestBody"] = {"required": True, "content": {
+        "application/json": {"schema": {"anyOf": [ref("LMIRequest"), ref("ChatCompletionRequest"),
+                                                  ref("CompletionRequest")]}},
+        "application/x-text": {"schema": {"type": "string", "minLength": 1}},
+    }}
+    paths["/ping"]["get"]["responses"] = {
+        "200": {"description": "The model is loaded and the server is not draining (empty body)."},
+        "503": {"description": "Loading, draining or failed ({\"error\", \"error_type\"}).",
+                "content": {"application/json": {"schema": {"type": "object"}}}},
+    }
+    return schema
 
 
 def load_engine_in_background(state: ServerState, config: ServerConfig,

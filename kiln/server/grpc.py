@@ -1,7 +1,7 @@
 """The gRPC doors, served by grpc.aio inside the HTTP server's event loop:
 
 - kiln.v1.Inference (proto/kiln/v1/inference.proto): Generate, GenerateStream, Tokenize,
-  ModelInfo; adapter management answers UNIMPLEMENTED until LoRA lands.
+  ModelInfo, and LoRA adapter management (ListAdapters, LoadAdapter, UnloadAdapter).
 - inference.GRPCInferenceService (proto/inference/grpc_predict_v2.proto): the KServe v2 /
   Triton protocol, so tritonclient[grpc] works: a BYTES `text_input` in, `text_output` out.
 - grpc.health.v1.Health: SERVING once the model is loaded, NOT_SERVING while it loads and
@@ -10,7 +10,8 @@
 
 Runtime errors map to statuses once, in `_status`: ValueError -> INVALID_ARGUMENT,
 QueueFullError -> RESOURCE_EXHAUSTED, EngineDeadError -> UNAVAILABLE, DeadlineExceededError ->
-DEADLINE_EXCEEDED; an unknown adapter or model is NOT_FOUND. A cancelled call aborts its
+DEADLINE_EXCEEDED, AdapterNotFoundError -> NOT_FOUND (an adapter that cannot be loaded is
+INVALID_ARGUMENT: AdapterError is a ValueError). A cancelled call aborts its
 requests in the engine (the RequestStream is closed), freeing their KV blocks. With an API
 key configured every RPC but the health service needs `authorization: Bearer KEY` metadata.
 """
@@ -37,6 +38,7 @@ from grpc_reflection.v1alpha import reflection
 
 from .. import __version__
 from ..config import ServerConfig
+from ..runtime.lora import AdapterNotFoundError
 from ..proto.inference import grpc_predict_v2_pb2 as v2
 from ..proto.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from ..proto.kiln.v1 import inference_pb2 as pb
@@ -78,6 +80,8 @@ def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, DeadlineExceededError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
+    if isinstance(exc, AdapterNotFoundError):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, ValueError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     log.error("unhandled error in a gRPC call", exc_info=exc)
@@ -151,7 +155,7 @@ class _Base:
         """A request's deltas, observed by the metrics; the stream is closed (the request
         aborted, if unfinished) however the caller leaves, cancellation included."""
         try:
-            async with contextlib.aclosing(self.state.metrics.observe(stream.request.arrival_time, stream)) as outs:
+            async with contextlib.aclosing(self.state.metrics.observe(stream.request.arrival_time, stream, stream.request.lora_name)) as outs:
                 async for out in outs:
                     _check_output(out)
                     yield out
@@ -198,17 +202,16 @@ def _sampling_params(msg: pb.GenerateRequest) -> SamplingParams:
 
 
 def _generate_request(engine: AsyncEngine, msg: pb.GenerateRequest) -> Request:
-    if msg.adapter_id:
-        raise RpcError(grpc.StatusCode.NOT_FOUND,
-                       f"unknown adapter {msg.adapter_id!r}: this server has no LoRA adapters loaded")
     if msg.prompt and msg.prompt_token_ids:
         raise ValueError("give prompt or prompt_token_ids, not both")
     if not msg.prompt and not msg.prompt_token_ids:
         raise ValueError("the prompt is empty: set prompt (text) or prompt_token_ids")
     params = _sampling_params(msg)
     ids = list(msg.prompt_token_ids) if msg.prompt_token_ids else engine.tokenizer.encode(msg.prompt)
-    engine.check_request(ids, params)
-    return Request(msg.request_id or f"grpc-{uuid.uuid4().hex}", ids, params, prompt=msg.prompt or None)
+    lora = msg.adapter_id if msg.adapter_id and msg.adapter_id != engine.model_name else None
+    engine.check_request(ids, params, lora)
+    return Request(msg.request_id or f"grpc-{uuid.uuid4().hex}", ids, params, prompt=msg.prompt or None,
+                   lora_name=lora)
 
 
 def _logprobs(engine: AsyncEngine, logprobs: list[TokenLogprob] | None) -> list[pb.TokenLogprob]:
@@ -309,18 +312,22 @@ class InferenceServicer(_Base, pb_grpc.InferenceServicer):
             kv_cache_blocks=engine.stats().num_blocks,
         )
 
-    async def _no_adapters(self, context) -> None:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            "LoRA adapters are not supported by this server yet")
+    @_unary
+    async def ListAdapters(self, request: pb.ListAdaptersRequest, context) -> pb.ListAdaptersResponse:
+        return pb.ListAdaptersResponse(
+            adapters=[pb.Adapter(name=a.name, path=str(a.path)) for a in self.engine().list_adapters()])
 
-    async def ListAdapters(self, request, context):
-        await self._no_adapters(context)
+    @_unary
+    async def LoadAdapter(self, request: pb.LoadAdapterRequest, context) -> pb.LoadAdapterResponse:
+        if not request.name or not request.path:
+            raise ValueError("LoadAdapter needs a name and a path")
+        adapter = await asyncio.to_thread(self.engine().load_adapter, request.name, request.path)
+        return pb.LoadAdapterResponse(adapter=pb.Adapter(name=adapter.name, path=str(adapter.path)))
 
-    async def LoadAdapter(self, request, context):
-        await self._no_adapters(context)
-
-    async def UnloadAdapter(self, request, context):
-        await self._no_adapters(context)
+    @_unary
+    async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context) -> pb.UnloadAdapterResponse:
+        self.engine().unload_adapter(request.name)
+        return pb.UnloadAdapterResponse()
 
 
 # -- inference.GRPCInferenceService (KServe v2 / Triton) ----------------------------------

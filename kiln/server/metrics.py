@@ -37,6 +37,11 @@ class _EngineCollector:
         yield CounterMetricFamily("kiln_prefix_cache_hits", "Prompt tokens found in the prefix cache.", value=s.prefix_cache_hits)
         yield CounterMetricFamily("kiln_num_preemptions", "Requests preempted for lack of KV blocks.", value=s.num_preemptions)
         yield CounterMetricFamily("kiln_engine_steps", "Engine steps run.", value=s.num_steps)
+        yield gauge("kiln_lora_adapters_loaded", "LoRA adapters registered.", s.num_adapters)
+        yield gauge("kiln_lora_adapters_resident", "LoRA adapters whose weights are in memory.", s.num_adapters_resident)
+        yield gauge("kiln_lora_resident_bytes", "Bytes of LoRA adapter weights in memory.", s.adapter_resident_bytes)
+        yield CounterMetricFamily("kiln_lora_loads", "LoRA adapter weight loads (first loads and reloads after eviction).", value=s.adapter_loads)
+        yield CounterMetricFamily("kiln_lora_evictions", "LoRA adapters evicted from memory.", value=s.adapter_evictions)
 
 
 class ServerMetrics:
@@ -51,9 +56,15 @@ class ServerMetrics:
         self.generation_tokens = Counter("kiln_generation_tokens", "Tokens generated.", registry=r)
         self.requests = Counter("kiln_requests", "Finished requests by finish reason.", ["finish_reason"], registry=r)
         self.http_errors = Counter("kiln_http_errors", "Error responses by status code.", ["status"], registry=r)
+        self.lora_requests = Counter("kiln_lora_requests", "Finished requests per LoRA adapter.", ["adapter"], registry=r)
+        self.lora_tokens = Counter("kiln_lora_generation_tokens", "Tokens generated per LoRA adapter.", ["adapter"], registry=r)
+        self.lora_ttft = Histogram("kiln_lora_time_to_first_token_seconds", "Time to first token per LoRA adapter.",
+                                   ["adapter"], registry=r, buckets=_LATENCY_BUCKETS)
 
-    async def observe(self, arrival: float, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
-        """Pass a request's stream through, recording its latencies and token counts."""
+    async def observe(self, arrival: float, stream: AsyncIterator[RequestOutput],
+                      adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Pass a request's stream through, recording its latencies and token counts (also
+        per adapter, for requests that use one)."""
         last: float | None = None
         finished = False
         try:
@@ -63,15 +74,21 @@ class ServerMetrics:
                 if n:
                     if last is None:
                         self.ttft.observe(now - arrival)
+                        if adapter:
+                            self.lora_ttft.labels(adapter).observe(now - arrival)
                     else:
                         self.itl.observe((now - last) / n)
                     last = now
                     self.generation_tokens.inc(n)
+                    if adapter:
+                        self.lora_tokens.labels(adapter).inc(n)
                 if out.finished:
                     finished = True
                     self.e2e.observe(now - arrival)
                     self.prompt_tokens.inc(out.num_prompt_tokens)
                     self.requests.labels((out.finish_reason.value if out.finish_reason else "unknown")).inc()
+                    if adapter:
+                        self.lora_requests.labels(adapter).inc()
                 yield out
         finally:
             if not finished:

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..runtime.engine import AsyncEngine, DeadlineExceededError, EngineDeadError, QueueFullError, RequestStream
+from ..runtime.lora import AdapterNotFoundError
 from ..runtime.request import FinishReason, Request, RequestOutput, SamplingParams, TokenLogprob
 from .schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 
@@ -38,6 +39,8 @@ def runtime_error_to_api(exc: Exception) -> APIError:
         return APIError(503, str(exc), "service_unavailable")
     if isinstance(exc, DeadlineExceededError):
         return APIError(504, str(exc), "timeout_error")
+    if isinstance(exc, AdapterNotFoundError):
+        return APIError(404, str(exc), "not_found_error", "model")
     if isinstance(exc, ValueError):
         return APIError(400, str(exc))
     return APIError(500, "internal error", "internal_error")
@@ -66,14 +69,22 @@ def _engine(http: HttpRequest) -> AsyncEngine:
 
 
 def _check_model(engine: AsyncEngine, model: str | None) -> str:
-    if model is not None and model != engine.model_name:
-        raise APIError(404, f"the model '{model}' does not exist; this server serves "
-                            f"'{engine.model_name}'", "not_found_error", "model")
-    return engine.model_name
+    """The base model's name, or a loaded LoRA adapter's (vLLM's convention: adapters are
+    picked through `model`)."""
+    if model is None or model == engine.model_name:
+        return engine.model_name
+    if any(a.name == model for a in engine.list_adapters()):
+        return model
+    raise APIError(404, f"the model '{model}' does not exist; this server serves "
+                        f"'{engine.model_name}' and the adapters listed by /v1/models", "not_found_error", "model")
+
+
+def _lora_of(engine: AsyncEngine, model: str) -> str | None:
+    return None if model == engine.model_name else model
 
 
 def _make_requests(engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams,
-                   n: int, prefix: str) -> list[Request]:
+                   n: int, prefix: str, lora_name: str | None = None) -> list[Request]:
     """One engine request per (prompt, choice); seeded choices get distinct seeds."""
     requests = []
     for ids in prompts:
@@ -85,7 +96,7 @@ def _make_requests(engine: AsyncEngine, prompts: list[list[int]], params: Sampli
                 engine.check_request(ids, p)
             except ValueError as exc:
                 raise APIError(400, str(exc), param="prompt") from None
-            requests.append(Request(f"{prefix}-{len(requests)}", ids, p))
+            requests.append(Request(f"{prefix}-{len(requests)}", ids, p, lora_name=lora_name))
     return requests
 
 
@@ -101,14 +112,14 @@ async def merged(streams: list[RequestStream], metrics) -> AsyncIterator[tuple[i
     one, closes (aborts) every stream still running. Engine errors become APIError."""
     try:
         if len(streams) == 1:
-            async for out in metrics.observe(streams[0].request.arrival_time, streams[0]):
+            async for out in metrics.observe(streams[0].request.arrival_time, streams[0], streams[0].request.lora_name):
                 yield 0, out
             return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(index: int, stream: RequestStream) -> None:
             try:
-                async for out in metrics.observe(stream.request.arrival_time, stream):
+                async for out in metrics.observe(stream.request.arrival_time, stream, stream.request.lora_name):
                     await queue.put((index, out))
             except Exception as exc:  # surfaced to the consumer
                 await queue.put((index, exc))
@@ -177,8 +188,12 @@ def _raise_if_error(out: RequestOutput) -> None:
 @router.get("/v1/models")
 async def list_models(http: HttpRequest) -> ModelList:
     engine = _engine(http)
-    card = ModelCard(id=engine.model_name, created=http.app.state.kiln.started, max_model_len=engine.max_model_len)
-    return ModelList(data=[card])
+    started = http.app.state.kiln.started
+    cards = [ModelCard(id=engine.model_name, created=started, max_model_len=engine.max_model_len,
+                       root=str(engine.engine.model_path))]
+    cards += [ModelCard(id=a.name, created=int(a.loaded_at), max_model_len=engine.max_model_len,
+                        root=str(a.path), parent=engine.model_name) for a in engine.list_adapters()]
+    return ModelList(data=cards)
 
 
 # -- /v1/completions ------------------------------------------------------------------
@@ -242,7 +257,7 @@ async def completions(body: CompletionRequest, http: HttpRequest):
     max_tokens = body.max_tokens if body.max_tokens is not None else max(engine.max_model_len - longest, 1)
     params = _sampling_params(body, max_tokens, body.logprobs)
     rid = f"cmpl-{uuid.uuid4().hex}"
-    requests = _make_requests(engine, prompt_ids, params, body.n, rid)
+    requests = _make_requests(engine, prompt_ids, params, body.n, rid, _lora_of(engine, model))
     streams = submit_all(engine, requests)
     metrics = http.app.state.kiln.metrics
     created = int(time.time())
@@ -346,7 +361,7 @@ async def chat_completions(body: ChatCompletionRequest, http: HttpRequest):
         max_tokens = max(engine.max_model_len - len(prompt_ids), 1)
     params = _sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    requests = _make_requests(engine, [prompt_ids], params, body.n, rid)
+    requests = _make_requests(engine, [prompt_ids], params, body.n, rid, _lora_of(engine, model))
     streams = submit_all(engine, requests)
     metrics = http.app.state.kiln.metrics
     created = int(time.time())

@@ -33,6 +33,7 @@ from .tgi import TGIError
 router = APIRouter()
 
 CUSTOM_ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"
+ADAPTER_HEADER = "X-Amzn-SageMaker-Adapter-Identifier"
 _JSON_TYPES = {"", "application/json", "application/octet-stream"}
 _TEXT_TYPES = {"application/x-text", "text/plain"}
 _JSONLINES = ("application/jsonlines", "application/x-ndjson", "application/jsonl")
@@ -85,7 +86,7 @@ async def _invoke(http: HttpRequest) -> Response:
             prompt = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise tgi.invalid("the request body is not valid UTF-8 text") from None
-        body = tgi.validate({"inputs": prompt}, LMIRequest)
+        body = tgi.validate({"inputs": prompt, "adapters": http.headers.get(ADAPTER_HEADER)}, LMIRequest)
         return await tgi.respond(http, engine, body, as_list=True, jsonlines=jsonlines)
     if content_type not in _JSON_TYPES and not content_type.endswith("+json"):
         raise TGIError(415, f"unsupported Content-Type '{content_type}': send application/json "
@@ -101,6 +102,8 @@ async def _invoke(http: HttpRequest) -> Response:
         raise tgi.invalid("expected a JSON object with `inputs` (TGI / LMI), `messages` (OpenAI "
                           "chat completions) or `prompt` (OpenAI completions)")
     body = tgi.validate(data, LMIRequest)
+    if header_adapter := http.headers.get(ADAPTER_HEADER):
+        body.adapters = header_adapter
     return await tgi.respond(http, engine, body, as_list=True, jsonlines=jsonlines)
 
 
@@ -112,7 +115,8 @@ async def _openai(http: HttpRequest, data: dict[str, Any], model, handler, jsonl
 
         message, param = _validation_message(RequestValidationError(exc.errors()))
         raise APIError(400, message, param=param) from None
-    body.model = None  # one model per endpoint: whatever name the client sends
+    # One model per endpoint: whatever name the client sends; an adapter comes from the header.
+    body.model = http.headers.get(ADAPTER_HEADER) or None
     response = await handler(body, http)
     if jsonlines and isinstance(response, StreamingResponse):
         return StreamingResponse(_sse_to_jsonlines(response.body_iterator), media_type="application/jsonlines",

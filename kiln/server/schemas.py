@@ -318,12 +318,18 @@ class TGIRequest(_Lenient):
     def prompts(self) -> list[str]:
         return [self.inputs]
 
+    def adapter_ids(self) -> list[str | None]:
+        """The adapter of each prompt (`parameters.adapter_id`); None or '' is the base model."""
+        return [self.params.adapter_id or None] * len(self.prompts())
+
 
 class LMIRequest(TGIRequest):
     """The TGI / LMI body of SageMaker's /invocations: `inputs` may also be a batch of
     prompts (answered without streaming, one result per prompt)."""
 
     inputs: str | list[str]  # type: ignore[assignment]
+    # LMI's adapter choice: one name for every prompt, or one per prompt of a batch.
+    adapters: str | list[str] | None = None
 
     @field_validator("inputs")
     @classmethod
@@ -334,6 +340,16 @@ class LMIRequest(TGIRequest):
 
     def prompts(self) -> list[str]:
         return [self.inputs] if isinstance(self.inputs, str) else list(self.inputs)
+
+    def adapter_ids(self) -> list[str | None]:
+        n = len(self.prompts())
+        if self.adapters is None:
+            return super().adapter_ids()
+        if isinstance(self.adapters, str):
+            return [self.adapters or None] * n
+        if len(self.adapters) != n:
+            raise ValueError(f"`adapters` has {len(self.adapters)} names for {n} inputs")
+        return [a or None for a in self.adapters]
 
 
 def tgi_validation_message(exc: ValidationError) -> str:
@@ -380,6 +396,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "kiln"
     max_model_len: int
+    root: str | None = None  # where the weights were read from
+    parent: str | None = None  # for a LoRA adapter: its base model
 
 
 class ModelList(BaseModel):

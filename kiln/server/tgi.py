@@ -59,7 +59,9 @@ def invalid(message: str) -> TGIError:
 
 def from_api_error(exc: APIError) -> TGIError:
     """Re-state an engine-side error (as openai.runtime_error_to_api words it) in TGI's terms."""
-    if exc.status in (400, 404):
+    if exc.status == 404:  # an adapter unloaded since the request was checked
+        return TGIError(404, exc.message, "not_found")
+    if exc.status == 400:
         return invalid(exc.message)
     if exc.status == 429:
         return TGIError(429, exc.message, "overloaded", exc.headers or {"Retry-After": "1"})
@@ -124,10 +126,15 @@ def max_input_tokens(engine: AsyncEngine) -> int:
 def prepare(engine: AsyncEngine, body: TGIRequest) -> list[Job]:
     """Tokenize, truncate and check every prompt of `body`; raises TGIError(422)."""
     p = body.params
-    if p.adapter_id not in (None, "", engine.model_name):
-        raise TGIError(422, f"Input validation error: adapter '{p.adapter_id}' is not loaded; this "
-                            f"server serves only its base model '{engine.model_name}' (LoRA adapters "
-                            f"are not available yet)", "validation")
+    try:
+        adapters = [None if a == engine.model_name else a for a in body.adapter_ids()]
+    except ValueError as exc:
+        raise invalid(str(exc)) from None
+    loaded = {a.name for a in engine.list_adapters()}
+    for adapter in adapters:
+        if adapter is not None and adapter not in loaded:
+            raise TGIError(404, f"adapter '{adapter}' is not loaded (loaded: "
+                                f"{', '.join(sorted(loaded)) or 'none'})", "not_found")
     limit = max_input_tokens(engine)
     total = engine.max_model_len
     rid = f"tgi-{uuid.uuid4().hex}"
@@ -158,7 +165,8 @@ def prepare(engine: AsyncEngine, body: TGIRequest) -> list[Job]:
             engine.check_request(ids, params)
         except ValueError as exc:
             raise invalid(str(exc)) from None
-        jobs.append(Job(Request(f"{rid}-{i}", ids, params, prompt=prompt), prompt, p, seed))
+        jobs.append(Job(Request(f"{rid}-{i}", ids, params, prompt=prompt, lora_name=adapters[i]),
+                        prompt, p, seed))
     return jobs
 
 

@@ -182,10 +182,12 @@ class CudaBackend:
         return out.view(T, self.num_heads * self.head_dim)
 
     def forward(self, model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
-                state: CudaStepState, logits_indices: torch.Tensor) -> torch.Tensor:
-        """Run one step on the device; float32 logits come back on the CPU for the sampler."""
+                state: CudaStepState, logits_indices: torch.Tensor, use_graphs: bool = True) -> torch.Tensor:
+        """Run one step on the device; float32 logits come back on the CPU for the sampler.
+        Pure-decode steps replay a captured graph unless `use_graphs` is False (a batch whose
+        rows carry LoRA adapters: the graphs were captured without them)."""
         n = state.num_decode
-        if n and not state.num_prefill_tokens and len(logits_indices) == n:
+        if use_graphs and n and not state.num_prefill_tokens and len(logits_indices) == n:
             size = next((b for b in self.graph_sizes if b >= n), None)
             if size in self._graphs:
                 return self._replay(size, input_ids, positions, state).cpu()

@@ -105,7 +105,7 @@ class InferenceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAdapters(self, request, context):
-        """LoRA adapter management (answers UNIMPLEMENTED until adapters are supported).
+        """LoRA adapter management.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

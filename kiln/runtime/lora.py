@@ -1,0 +1,365 @@
+"""LoRA adapters: the registry (load, validate, evict, reload) and the per-row LoRA term.
+
+An adapter is a PEFT folder (adapter_config.json + adapter_model.safetensors). Its weights are
+never merged into the base: every wrapped linear computes y = base(x) + B (A x) * scale for the
+rows of the batch that asked for that adapter, so one batch mixes adapters and the base model.
+kiln fuses q/k/v and gate/up into one linear each; an adapter's A matrices of the fused parts
+are stacked and its B matrices placed block-diagonally, so each fused linear still costs one
+pair of small matmuls per adapter in the batch.
+
+Residency: adapter weights live in memory up to a byte budget; past it, the least recently
+used idle adapters are dropped from memory and re-read from their folder when next asked for.
+How many distinct adapters one running batch may hold (`max_loras`) is the scheduler's limit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .models.loader import ModelConfig
+
+log = logging.getLogger(__name__)
+
+# PEFT module name -> (kiln's fused linear, index of the part inside it)
+_TARGETS = {
+    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+    "o_proj": ("o_proj", 0),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    "down_proj": ("down_proj", 0),
+}
+_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+
+
+class AdapterError(ValueError):
+    """An adapter could not be loaded: the message says which file, field or tensor."""
+
+
+class AdapterNotFoundError(LookupError):
+    """No adapter of that name is loaded."""
+
+
+@dataclass
+class LoraSettings:
+    max_loras: int = 8  # distinct adapters in one running batch
+    max_lora_rank: int = 64
+    max_cpu_bytes: int = 1 << 30  # adapter weights kept in memory
+    roots: tuple[Path, ...] = ()  # folders runtime loads may read from
+
+
+@dataclass
+class Adapter:
+    """A registered adapter. `weights` is None while evicted (re-read on demand)."""
+
+    name: str
+    path: Path
+    uid: int  # unique per load: keys the prefix cache, so KV of another load is never reused
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    nbytes: int = 0
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] | None = None  # (A_t, B_t)
+    in_use: int = 0  # requests holding it
+    unloading: bool = False
+    last_used: float = field(default_factory=time.monotonic)
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def cache_salt(self) -> int:
+        return hash(("lora", self.uid))
+
+
+_uids = itertools.count(1)
+
+
+def _parts(cfg: ModelConfig) -> dict[str, list[tuple[int, int]]]:
+    """(output offset, size) of each part of the fused linears; input sizes below."""
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    inter = cfg.intermediate_size
+    return {"qkv_proj": [(0, q), (q, kv), (q + kv, kv)], "o_proj": [(0, cfg.hidden_size)],
+            "gate_up_proj": [(0, inter), (inter, inter)], "down_proj": [(0, cfg.hidden_size)]}
+
+
+def _in_features(cfg: ModelConfig, linear: str) -> int:
+    return {"qkv_proj": cfg.hidden_size, "o_proj": cfg.num_heads * cfg.head_dim,
+            "gate_up_proj": cfg.hidden_size, "down_proj": cfg.intermediate_size}[linear]
+
+
+def read_adapter(path: Path, cfg: ModelConfig, max_rank: int, dtype: torch.dtype
+                 ) -> tuple[dict, dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], int]:
+    """Parse and validate a PEFT folder against the base model; return (config, fused weights
+    {(layer, linear): (A_t [in, r], B_t [r, out] with the scale folded in)}, largest rank).
+    Ranks come from the tensors themselves, so PEFT's rank_pattern needs no parsing."""
+    config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not path.is_dir():
+        raise AdapterError(f"adapter folder {path} does not exist")
+    if not config_file.is_file():
+        raise AdapterError(f"{config_file} is missing: not a PEFT adapter folder")
+    if not weights_file.is_file():
+        raise AdapterError(f"{weights_file} is missing (only safetensors adapters are accepted)")
+    try:
+        config = json.loads(config_file.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{config_file} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_file} must hold a JSON object")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{config_file}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
+    if config.get("use_dora"):
+        raise AdapterError(f"{config_file}: DoRA adapters are not supported")
+    if config.get("bias", "none") != "none":
+        raise AdapterError(f"{config_file}: bias {config.get('bias')!r} is not supported (only 'none')")
+    if config.get("modules_to_save"):
+        raise AdapterError(f"{config_file}: modules_to_save {config['modules_to_save']} is not supported")
+    try:
+        alpha = float(config.get("lora_alpha", 8))
+    except (TypeError, ValueError):
+        raise AdapterError(f"{config_file}: lora_alpha must be a number") from None
+    alpha_pattern = config.get("alpha_pattern") or {}
+    rslora = bool(config.get("use_rslora", False))
+
+    raw: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    try:
+        with safe_open(str(weights_file), framework="pt") as f:
+            for key in f.keys():
+                m = _KEY.search(key)
+                if m is None:
+                    raise AdapterError(f"{weights_file}: tensor {key!r} is not a LoRA weight of a "
+                                       f"q/k/v/o/gate/up/down projection")
+                layer, module, which = int(m.group(1)), m.group(2), m.group(3)
+                if module not in _TARGETS:
+                    raise AdapterError(f"{weights_file}: tensor {key!r} targets {module!r}; supported "
+                                       f"target modules are {', '.join(_TARGETS)}")
+                raw.setdefault((layer, module), {})[which] = f.get_tensor(key)
+    except AdapterError:
+        raise
+    except Exception as exc:  # a truncated or foreign file
+        raise AdapterError(f"{weights_file} is not a readable safetensors file: {exc}") from None
+    if not raw:
+        raise AdapterError(f"{weights_file} holds no LoRA weights")
+
+    parts = _parts(cfg)
+    by_linear: dict[tuple[int, str], list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+    max_seen = 0
+    for (layer, module), ab in sorted(raw.items()):
+        name = f"layers.{layer}.{module}"
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"{weights_file}: {name} has lora_{'A' if 'A' not in ab else 'B'} missing")
+        if not 0 <= layer < cfg.num_layers:
+            raise AdapterError(f"{weights_file}: {name}: the base model has {cfg.num_layers} layers")
+        linear, index = _TARGETS[module]
+        a, b = ab["A"], ab["B"]
+        r = a.shape[0]
+        want_in, want_out = _in_features(cfg, linear), parts[linear][index][1]
+        if a.ndim != 2 or b.ndim != 2 or tuple(a.shape) != (r, want_in) or tuple(b.shape) != (want_out, r):
+            raise AdapterError(
+                f"{weights_file}: {name} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, but the "
+                f"base model needs ({r}, {want_in}) and ({want_out}, {r}): the adapter was made for "
+                f"another base model")
+        if r > max_rank:
+            raise AdapterError(f"{weights_file}: {name} has rank {r}, above this server's "
+                               f"--max-lora-rank {max_rank}")
+        max_seen = max(max_seen, r)
+        a_alpha = _pattern_value(alpha_pattern, layer, module, alpha)
+        scale = a_alpha / math.sqrt(r) if rslora else a_alpha / r
+        by_linear.setdefault((layer, linear), []).append((index, a.float(), b.float() * scale))
+
+    fused: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    for (layer, linear), items in by_linear.items():
+        total_out = sum(size for _, size in parts[linear])
+        total_r = sum(a.shape[0] for _, a, _ in items)
+        a_t = torch.empty(_in_features(cfg, linear), total_r)
+        b_t = torch.zeros(total_r, total_out)
+        r0 = 0
+        for index, a, b in items:
+            offset, size = parts[linear][index]
+            a_t[:, r0:r0 + a.shape[0]] = a.t()
+            b_t[r0:r0 + a.shape[0], offset:offset + size] = b.t()
+            r0 += a.shape[0]
+        fused[(layer, linear)] = (a_t.to(dtype).contiguous(), b_t.to(dtype).contiguous())
+    return config, fused, max_seen
+
+
+def _pattern_value(pattern: dict, layer: int, module: str, default: float) -> float:
+    """PEFT's alpha_pattern: keys are module-name suffixes or regexes."""
+    name = f"model.layers.{layer}.{'self_attn' if module in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else 'mlp'}.{module}"
+    for key, value in pattern.items():
+        if name.endswith(key) or re.fullmatch(key, name) or re.search(rf"(^|\.){key}$", name):
+            return float(value)
+    return default
+
+
+class LoraContext:
+    """What the wrapped linears read during one forward: which rows use which adapter."""
+
+    def __init__(self) -> None:
+        self.segments: list[tuple[Adapter, torch.Tensor | slice]] = []
+
+
+class LoraLinear(nn.Module):
+    """Any linear (dense, int8, GPTQ) plus the per-row LoRA term of the adapters in the batch."""
+
+    def __init__(self, base: nn.Module, layer: int, linear: str, context: LoraContext) -> None:
+        super().__init__()
+        self.base = base
+        self.key = (layer, linear)
+        self.context = context
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        for adapter, rows in self.context.segments:
+            pair = adapter.weights.get(self.key) if adapter.weights is not None else None
+            if pair is None:
+                continue
+            a_t, b_t = pair
+            if isinstance(rows, slice):
+                y[rows] += (x[rows] @ a_t) @ b_t
+            else:
+                y.index_add_(0, rows, (x.index_select(0, rows) @ a_t) @ b_t)
+        return y
+
+
+class LoraManager:
+    """The adapter registry. Thread-safe: the server loads and unloads, the engine thread
+    acquires and releases adapters for requests."""
+
+    def __init__(self, model: nn.Module, cfg: ModelConfig, settings: LoraSettings, dtype: torch.dtype) -> None:
+        self.cfg = cfg
+        self.settings = settings
+        self.dtype = dtype
+        self.context = LoraContext()
+        self._adapters: dict[str, Adapter] = {}
+        self._lock = threading.Lock()
+        self.num_loads = 0
+        self.num_evictions = 0
+        self._wrap(model)
+
+    def _wrap(self, model: nn.Module) -> None:
+        for i, layer in enumerate(model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.qkv_proj = LoraLinear(attn.qkv_proj, i, "qkv_proj", self.context)
+            attn.o_proj = LoraLinear(attn.o_proj, i, "o_proj", self.context)
+            mlp.gate_up_proj = LoraLinear(mlp.gate_up_proj, i, "gate_up_proj", self.context)
+            mlp.down_proj = LoraLinear(mlp.down_proj, i, "down_proj", self.context)
+
+    # -- registry (server side) -----------------------------------------------------
+
+    def check_path(self, path: str | Path) -> Path:
+        """Resolve a runtime load's path and confine it to the configured adapter roots."""
+        resolved = Path(path).expanduser().resolve()
+        roots = [Path(r).expanduser().resolve() for r in self.settings.roots]
+        if not roots:
+            raise AdapterError("loading adapters at runtime is disabled: start the server with "
+                               "--lora-root DIR to allow adapters under DIR")
+        if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
+            raise AdapterError(f"adapter path {str(path)!r} is outside the allowed adapter roots "
+                               f"({', '.join(str(r) for r in roots)})")
+        return resolved
+
+    def load(self, name: str, path: str | Path, *, confine: bool = True) -> Adapter:
+        """Validate and register an adapter (reads the files; call off the event loop)."""
+        if not name or not re.fullmatch(r"[A-Za-z0-9._:/@-]{1,128}", name):
+            raise AdapterError(f"adapter name {name!r} must be 1-128 letters, digits or . _ : / @ -")
+        resolved = self.check_path(path) if confine else Path(path).expanduser().resolve()
+        with self._lock:
+            if name in self._adapters:
+                raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first")
+        config, weights, rank = read_adapter(resolved, self.cfg, self.settings.max_lora_rank, self.dtype)
+        nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in weights.values())
+        targets = tuple(sorted({k[1] for k in weights}))
+        adapter = Adapter(name, resolved, next(_uids), rank,
+                          float(config.get("lora_alpha", 8)), targets, nbytes, weights)
+        with self._lock:
+            if name in self._adapters:
+                raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first")
+            self._adapters[name] = adapter
+            self.num_loads += 1
+            self._evict_over_budget(keep=adapter)
+        log.info("adapter loaded: name=%s path=%s rank=%d targets=%s bytes=%d",
+                 name, resolved, adapter.rank, ",".join(targets), nbytes)
+        return adapter
+
+    def unload(self, name: str) -> None:
+        """Forget an adapter. Requests using it finish first; new ones are refused at once."""
+        with self._lock:
+            adapter = self._adapters.get(name)
+            if adapter is None or adapter.unloading:
+                raise AdapterNotFoundError(f"no adapter named {name!r} is loaded")
+            adapter.unloading = True
+            if adapter.in_use == 0:
+                del self._adapters[name]
+        log.info("adapter unloaded: name=%s", name)
+
+    def list(self) -> list[Adapter]:
+        with self._lock:
+            return [a for a in self._adapters.values() if not a.unloading]
+
+    def get(self, name: str) -> Adapter:
+        with self._lock:
+            adapter = self._adapters.get(name)
+        if adapter is None or adapter.unloading:
+            raise AdapterNotFoundError(f"no adapter named {name!r} is loaded")
+        return adapter
+
+    # -- requests (engine thread) ---------------------------------------------------
+
+    def acquire(self, name: str) -> Adapter:
+        """Hold an adapter for a request, re-reading its weights if they were evicted."""
+        with self._lock:
+            adapter = self._adapters.get(name)
+            if adapter is None or adapter.unloading:
+                raise AdapterNotFoundError(f"no adapter named {name!r} is loaded")
+            adapter.in_use += 1
+            adapter.last_used = time.monotonic()
+            evicted = adapter.weights is None
+        if evicted:
+            try:
+                _, weights, _ = read_adapter(adapter.path, self.cfg, self.settings.max_lora_rank, self.dtype)
+            except AdapterError:
+                self.release(adapter)
+                raise
+            with self._lock:
+                adapter.weights = weights
+                self.num_loads += 1
+                self._evict_over_budget(keep=adapter)
+        return adapter
+
+    def release(self, adapter: Adapter) -> None:
+        with self._lock:
+            adapter.in_use -= 1
+            adapter.last_used = time.monotonic()
+            if adapter.unloading and adapter.in_use == 0 and self._adapters.get(adapter.name) is adapter:
+                del self._adapters[adapter.name]
+
+    def _evict_over_budget(self, keep: Adapter) -> None:
+        """Drop the weights of least recently used idle adapters until under the budget."""
+        resident = [a for a in self._adapters.values() if a.weights is not None]
+        total = sum(a.nbytes for a in resident)
+        for victim in sorted(resident, key=lambda a: a.last_used):
+            if total <= self.settings.max_cpu_bytes:
+                break
+            if victim is keep or victim.in_use:
+                continue
+            victim.weights = None
+            total -= victim.nbytes
+            self.num_evictions += 1
+            log.info("adapter evicted from memory: name=%s (re-read on next use)", victim.name)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            live = [a for a in self._adapters.values() if not a.unloading]
+            resident = [a for a in self._adapters.values() if a.weights is not None]
+            return {"num_adapters": len(live), "num_adapters_resident": len(resident),
+                    "adapter_resident_bytes": sum(a.nbytes for a in resident),
+                    "adapter_loads": self.num_loads, "adapter_evictions": self.num_evictions}
