@@ -34,6 +34,9 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
                    help="do not share KV blocks between requests with a common prompt prefix")
     g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads [default: all cores]")
+    g.add_argument("--attention-backend", choices=["auto", "cpu", "triton", "flash-attn"], default=None,
+                   help="auto: the cuda backend (Triton kernels, flash-attn prefill when installed) when "
+                        "CUDA is present, else cpu; or force one [env KILN_ATTENTION_BACKEND; default auto]")
     g = parser.add_argument_group("LoRA adapters")
     g.add_argument("--lora", dest="loras", action="append", default=None, metavar="NAME=PATH",
                    help="load a PEFT adapter folder at start under NAME (repeatable); requests pick it "

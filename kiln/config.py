@@ -30,6 +30,7 @@ class EngineConfig:
     max_input_tokens: int | None = None  # longest prompt accepted; default: max_model_len - 1
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch threads; default: all cores
+    attention_backend: str = "auto"  # auto | cpu | triton | flash-attn
     # LoRA adapters
     loras: str | None = None  # adapters loaded at start: "NAME=PATH[,NAME=PATH...]"
     lora_roots: str | None = None  # folders runtime loads may read from ("DIR[,DIR...]")
@@ -65,6 +66,8 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
         if self.max_input_tokens is not None and self.max_input_tokens < 1:
             raise ValueError("max_input_tokens must be >= 1")
+        if self.attention_backend not in ("auto", "cpu", "triton", "flash-attn"):
+            raise ValueError(f"unknown attention_backend {self.attention_backend!r}: use auto, cpu, triton or flash-attn")
         if self.max_loras < 1 or self.max_lora_rank < 1:
             raise ValueError("max_loras and max_lora_rank must be >= 1")
         if self.lora_cache_bytes < 0:
@@ -128,6 +131,8 @@ SETTINGS: list[Setting] = [
     Setting("engine.enable_prefix_caching", "KILN_ENABLE_PREFIX_CACHING", ("OPTION_ENABLE_PREFIX_CACHING",),
             "share KV blocks of common prompt prefixes"),
     Setting("engine.num_threads", "KILN_NUM_THREADS", (), "torch CPU threads"),
+    Setting("engine.attention_backend", "KILN_ATTENTION_BACKEND", (),
+            "auto (cuda backend when CUDA is present, else cpu), cpu, triton or flash-attn"),
     Setting("engine.loras", "KILN_LORAS", ("LORA_ADAPTERS",),
             "LoRA adapters loaded at start, NAME=PATH separated by commas (--lora, repeatable)"),
     Setting("engine.lora_roots", "KILN_LORA_ROOTS", (),

@@ -17,12 +17,11 @@ from dataclasses import dataclass
 
 from pathlib import Path
 
-import psutil
 import torch
 
 from ..config import EngineConfig
 from .backends.base import kv_bytes_per_block
-from .backends.cpu import CpuBackend
+from .backends.select import available_memory, choose_attention_backend, create_backend
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import BlockPool
 from .lora import Adapter, AdapterNotFoundError, LoraManager, LoraSettings
@@ -99,12 +98,14 @@ class Engine:
         self.model.eval()
 
         per_block = kv_bytes_per_block(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size, dtype)
-        budget = config.kv_cache_bytes or int(psutil.virtual_memory().available * config.kv_cache_memory_fraction)
+        choice = choose_attention_backend(config.attention_backend)
+        budget = config.kv_cache_bytes or int(available_memory(choice) * config.kv_cache_memory_fraction)
         num_blocks = budget // per_block
         if num_blocks < 1:
             raise ValueError(f"KV budget of {budget} bytes is smaller than one block ({per_block} bytes)")
-        self.backend = CpuBackend(mc.num_layers, mc.num_heads, mc.num_kv_heads, mc.head_dim,
-                                  num_blocks, config.block_size, dtype)
+        self.backend = create_backend(choice, mc.num_layers, mc.num_heads, mc.num_kv_heads, mc.head_dim,
+                                      num_blocks, config.block_size, dtype,
+                                      max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len)
         self.backend.prepare_model(self.model)
         roots = tuple(Path(r.strip()) for r in (config.lora_roots or "").split(",") if r.strip())
         self.lora = LoraManager(self.model, mc, LoraSettings(

@@ -95,10 +95,15 @@ class ModelRunner:
         t0 = time.perf_counter()
         try:
             state = self.backend.prepare(meta)
-            logits = self.model(
-                torch.cat(ids_t), torch.cat(pos_t), self.backend, state,
-                torch.tensor(rows, dtype=torch.long),
-            )
+            args = (torch.cat(ids_t), torch.cat(pos_t))
+            logits_indices = torch.tensor(rows, dtype=torch.long)
+            device_forward = getattr(self.backend, "forward", None)  # a device backend moves tensors, replays graphs
+            if device_forward is not None:
+                # A captured CUDA graph holds no LoRA term: batches with adapters run eagerly.
+                lora = self.lora_context is not None and bool(self.lora_context.segments)
+                logits = device_forward(self.model, *args, state, logits_indices, use_graphs=not lora)
+            else:
+                logits = self.model(*args, self.backend, state, logits_indices)
         finally:
             if self.lora_context is not None:
                 self.lora_context.segments = []
