@@ -245,6 +245,7 @@ class LoraLinear(nn.Module):
             if isinstance(rows, slice):
                 y[rows] += (x[rows] @ a_t) @ b_t
             else:
+                rows = rows.to(x.device, non_blocking=True)
                 y.index_add_(0, rows, (x.index_select(0, rows) @ a_t) @ b_t)
         return y
 
@@ -257,6 +258,7 @@ class LoraManager:
         self.cfg = cfg
         self.settings = settings
         self.dtype = dtype
+        self.device = next(model.parameters()).device  # adapter weights live beside the model's
         self.context = LoraContext()
         self._adapters: dict[str, Adapter] = {}
         self._lock = threading.Lock()
@@ -294,7 +296,7 @@ class LoraManager:
         with self._lock:
             if name in self._adapters:
                 raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first")
-        config, weights, rank = read_adapter(resolved, self.cfg, self.settings.max_lora_rank, self.dtype)
+        config, weights, rank = self._read(resolved)
         nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in weights.values())
         targets = tuple(sorted({k[1] for k in weights}))
         adapter = Adapter(name, resolved, next(_uids), rank,
@@ -308,6 +310,12 @@ class LoraManager:
         log.info("adapter loaded: name=%s path=%s rank=%d targets=%s bytes=%d",
                  name, resolved, adapter.rank, ",".join(targets), nbytes)
         return adapter
+
+    def _read(self, path: Path) -> tuple[dict, dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], int]:
+        config, weights, rank = read_adapter(path, self.cfg, self.settings.max_lora_rank, self.dtype)
+        if self.device.type != "cpu":
+            weights = {key: (a.to(self.device), b.to(self.device)) for key, (a, b) in weights.items()}
+        return config, weights, rank
 
     def unload(self, name: str) -> None:
         """Forget an adapter. Requests using it finish first; new ones are refused at once."""
@@ -348,7 +356,7 @@ class LoraManager:
             evicted = adapter.weights is None
         if evicted:
             try:
-                _, weights, _ = read_adapter(adapter.path, self.cfg, self.settings.max_lora_rank, self.dtype)
+                _, weights, _ = self._read(adapter.path)
             except AdapterError:
                 self.release(adapter)
                 raise
