@@ -145,6 +145,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--port", type=int, default=8091)
     ap.add_argument("--kiln-args", default="--kv-cache-bytes 512M")
+    ap.add_argument("--warmup-minutes", type=float, default=2.0,
+                    help="the same traffic before the RSS baseline is taken, so allocator high-water marks "
+                         "(the largest batches, every adapter loaded once) are reached first")
     ap.add_argument("--rss-tolerance", type=float, default=0.15, help="allowed RSS growth after warm-up")
     ap.add_argument("--no-adapters", action="store_true", help="base model only, no LoRA traffic")
     ap.add_argument("--json", type=Path, default=None)
@@ -164,7 +167,7 @@ def main() -> int:
     proc = start_kiln(args.port, kiln_args)
     url = f"http://127.0.0.1:{args.port}"
     try:
-        asyncio.run(soak(url, 0.5, args.concurrency, args.seed + 1, hot))  # warm-up
+        asyncio.run(soak(url, args.warmup_minutes, args.concurrency, args.seed + 1, hot))
         time.sleep(2)
         rss_warm = rss_mib(proc.pid)
         start = time.monotonic()
