@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import EngineConfig, ServerConfig, load_config, parse_size
+from .config import QUANTIZE_METHODS, EngineConfig, ServerConfig, load_config, parse_size
 
 
 def _engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +34,10 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
                    help="do not share KV blocks between requests with a common prompt prefix")
     g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads [default: all cores]")
+    g.add_argument("--quantize", choices=list(QUANTIZE_METHODS), default=None,
+                   help="quantize the weights at load time: int8 (weight-only, per output channel), "
+                        "bnb-int8 / bnb-nf4 (bitsandbytes). A GPTQ folder (see `kiln quantize`) is "
+                        "detected from its config.json and needs no flag [env KILN_QUANTIZE; default: none]")
 
 
 def _size(text: str) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 SAGEMAKER_MODEL_DIR = Path("/opt/ml/model")
+QUANTIZE_METHODS = ("int8", "bnb-int8", "bnb-nf4")  # load-time weight quantization
 
 
 @dataclass
@@ -30,6 +31,7 @@ class EngineConfig:
     max_input_tokens: int | None = None  # longest prompt accepted; default: max_model_len - 1
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch threads; default: all cores
+    quantize: str | None = None  # load-time weight quantization: one of QUANTIZE_METHODS
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -50,6 +52,8 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
         if self.max_input_tokens is not None and self.max_input_tokens < 1:
             raise ValueError("max_input_tokens must be >= 1")
+        if self.quantize is not None and self.quantize not in QUANTIZE_METHODS:
+            raise ValueError(f"unknown quantize {self.quantize!r}: use {', '.join(QUANTIZE_METHODS)}")
 
 
 @dataclass
@@ -108,6 +112,8 @@ SETTINGS: list[Setting] = [
     Setting("engine.enable_prefix_caching", "KILN_ENABLE_PREFIX_CACHING", ("OPTION_ENABLE_PREFIX_CACHING",),
             "share KV blocks of common prompt prefixes"),
     Setting("engine.num_threads", "KILN_NUM_THREADS", (), "torch CPU threads"),
+    Setting("engine.quantize", "KILN_QUANTIZE", (),
+            "quantize weights at load time: int8, bnb-int8 or bnb-nf4 (GPTQ folders need none)"),
     Setting("server.host", "KILN_HOST", (), "address to bind"),
     Setting("server.port", "KILN_PORT", ("SAGEMAKER_BIND_TO_PORT",), "HTTP port"),
     Setting("server.grpc_port", "KILN_GRPC_PORT", (), "gRPC port; 0 disables it (inside SAGEMAKER_SAFE_PORT_RANGE when that is set)"),
@@ -141,6 +147,11 @@ def _convert(target: str, raw: str, current):
         value = _DTYPE_ALIASES.get(raw.strip().lower(), raw.strip().lower())
         if value not in ("float32", "bfloat16", "float16"):
             raise ValueError("expected float32, bfloat16 or float16")
+        return value
+    if name == "quantize":
+        value = raw.strip().lower()
+        if value not in QUANTIZE_METHODS:
+            raise ValueError(f"expected one of {', '.join(QUANTIZE_METHODS)}")
         return value
     if name in ("kv_cache_bytes", "max_body_bytes"):
         return parse_size(raw)
