@@ -223,7 +223,7 @@ def packed_tensors(prefix: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         f"{prefix}.qweight": pack_rows(qw.qint.t().to(torch.int32), qw.bits),
         f"{prefix}.qzeros": pack_zeros(qw.zeros, qw.bits),
         f"{prefix}.scales": qw.scales.half().contiguous(),
-        f"{prefix}.g_idx": qw.g_idx.to(torch.int32).contiguous(),
+        f"{prefix}.g_idx": qw.g_idx.to(torch.int32).clone(),
     }
 
 
