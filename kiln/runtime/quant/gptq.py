@@ -216,7 +216,7 @@ class GptqLinear(nn.Module):
             zero = (8 - qw.zeros[chunk_groups].float()) * scales
             self.register_buffer("int4pack", packed)
             self.register_buffer("scale_zero", torch.stack([scales, zero], -1).to(act_dtype).contiguous())
-            if not torch.equal(_unpack_int4pack(packed, self.out_features, self.in_features), q):
+            if not torch.equal(_unpack_int4pack(packed, self.out_features, self.in_features), q.to(torch.uint8)):
                 # Another CPU build may use another layout: keep the portable path.
                 del self.int4pack, self.scale_zero
                 self.int4_group = None
@@ -272,13 +272,12 @@ class GptqLinear(nn.Module):
         cached = getattr(self, "_cuda_cache", None)
         if cached is None:
             # AutoGPTQ layout for the Triton kernel (built once, from whichever CPU form we hold).
-            from .packing import pack_rows
+            from .packing import pack_rows, pack_zeros
 
-            w = self.dequantize(torch.float32)
-            qw = _requantize_from_buffers(self, w)
+            qw = _requantize_from_buffers(self)
             cached = self._cuda_cache = tuple(t.to(device) for t in (
-                pack_rows(qw.qint.t().to(torch.int32), qw.bits), qw.scales.half(), qw.zeros.to(torch.int32),
-                qw.g_idx.to(torch.int32))) + (self.bits,)
+                pack_rows(qw.qint.t().to(torch.int32), qw.bits), pack_zeros(qw.zeros, qw.bits),
+                qw.scales.half(), qw.g_idx.to(torch.int32))) + (self.bits,)
         return cached
 
     def extra_repr(self) -> str:
@@ -320,18 +319,18 @@ def _unpack_int4pack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """Inverse of `_convert_weight_to_int4pack_for_cpu` on AVX-512 builds: per block of 64
     output rows, byte [k, d] holds row d in its low nibble and row d + 32 in its high one."""
     b = _INT4PACK_BLOCK_N
-    v = packed.view(n // b, k, b // 2).to(torch.int32)
-    both = torch.cat([v & 15, v >> 4], dim=2)  # [blocks, K, 64]
-    return both.permute(0, 2, 1).reshape(n, k)
+    v = packed.view(n // b, k, b // 2)
+    both = torch.stack([v & 15, v >> 4], dim=1)  # uint8 [blocks, 2, K, 32]
+    return both.permute(0, 1, 3, 2).reshape(n, k)
 
 
-def _requantize_from_buffers(layer: GptqLinear, w: torch.Tensor) -> QuantizedWeight:
+def _requantize_from_buffers(layer: GptqLinear) -> QuantizedWeight:
     """Recover (qint, scales, zeros, g_idx) from a layer's buffers (for the CUDA upload)."""
     if layer.int4_group is None:
         return QuantizedWeight(unpack_rows(layer.qweight, layer.bits).t().to(torch.uint8),
                                layer.scales.float(), layer.zeros, layer.g_idx, layer.bits, layer.group_size)
     n, k, g = layer.out_features, layer.in_features, layer.int4_group
-    q_sorted = _unpack_int4pack(layer.int4pack, n, k)
+    q_sorted = _unpack_int4pack(layer.int4pack, n, k).to(torch.int32)
     s = layer.scale_zero[..., 0].float()  # [K/g', N]
     zero = torch.round(8 - layer.scale_zero[..., 1].float() / s.clamp(min=1e-30))
     perm = layer.perm if layer.perm is not None else torch.arange(k)
