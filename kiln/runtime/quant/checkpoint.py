@@ -122,7 +122,7 @@ class GptqLoader:
                     continue
                 if not all(quantized):
                     missing = [n for n, q in zip(names, quantized) if not q]
-                    raise QuantizedCheckpointError(f"{missing[0]}.qweight is missing (its siblings are quantized)")
+                    raise QuantizedCheckpointError(f"model.{missing[0]}.qweight is missing (its siblings are quantized)")
                 in_features = cfg.hidden_size
                 outs = _out_sizes(cfg, fused)
                 qws = [self._read(n, in_features, o) for n, o in zip(names, outs)]
