@@ -121,6 +121,43 @@ print(len(times) / sum(times))
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def bench_kernels(repeats: int = 200) -> dict:
+    """Per-call time of the CPU paths for one gate_up-sized layer (3072 x 576): float32 dense
+    (oneDNN-packed, as the engine runs it), bfloat16 dense, int8 GEMV vs int8
+    dequantize+GEMM, and GPTQ int4 GEMV (torch's int4pack) vs GPTQ dequantize+GEMM."""
+    import torch.nn.functional as F
+
+    from kiln.runtime.quant import gptq as gq, int8 as i8
+
+    w = torch.randn(3072, 576) * 0.05
+    dense = w.to_mkldnn()
+    wb = w.bfloat16()
+    int8 = i8.Int8Linear.from_float(w)
+    g4 = gq.GptqLinear(gq.rtn_quantize(w, 4, 128))
+    out = {}
+    for rows in (1, 4, 8, 16, 32, 128):
+        x = torch.randn(rows, 576)
+        paths = {
+            "float32 dense": lambda: torch.ops.mkldnn._linear_pointwise(x, dense, None, "none", [], ""),
+            "bfloat16 dense": lambda: F.linear(x.bfloat16(), wb).float(),
+            "int8 GEMV": lambda: torch._weight_int8pack_mm(x.bfloat16(), int8.qweight, int8.scales).float(),
+            "int8 dequantize+GEMM": lambda: F.linear(x.bfloat16(), int8.dequantize(torch.bfloat16)).float(),
+            "int4 GEMV": lambda: torch._weight_int4pack_mm_for_cpu(x.bfloat16(), g4.int4pack, g4.int4_group, g4.scale_zero).float(),
+            "int4 dequantize+GEMM": lambda: F.linear(x.bfloat16(), g4._dequantize_sorted()).float(),
+        }
+        for name, f in paths.items():
+            for _ in range(5):
+                f()
+            times = []
+            for _ in range(5):
+                t = time.perf_counter()
+                for _ in range(repeats // 5):
+                    f()
+                times.append((time.perf_counter() - t) / (repeats // 5))
+            out.setdefault(name, {})[rows] = statistics.median(times) * 1e6
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default="float32,bfloat16,int8,gptq4,rtn4")
@@ -134,7 +171,14 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--llamacpp-python", type=Path, default=ROOT / ".peers" / "llamacpp" / "bin" / "python")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--kernels", action="store_true", help="only the per-layer CPU kernel timings (microseconds)")
     args = ap.parse_args()
+    if args.kernels:
+        res = bench_kernels()
+        print("| path | " + " | ".join(f"{r} rows" for r in next(iter(res.values()))) + " |")
+        for name, row in res.items():
+            print(f"| {name} | " + " | ".join(f"{v:.0f}" for v in row.values()) + " |")
+        return 0
 
     variants = args.variants.split(",")
     folders = make_folders(args.folders, args.calibration_samples, args.calibration_seq_len) \

@@ -395,3 +395,37 @@ def test_bad_gptq_folder_cli_error(gptq_folder, tmp_path, capsys):
     bad = _bad_copy(folder, tmp_path / "bad", lambda c: c.update(bits=2))
     assert main(["generate", "hi", "--model", str(bad), "--max-tokens", "1"]) == 2
     assert "bits=2 is not supported" in capsys.readouterr().err
+
+
+# -- bitsandbytes ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["bnb-int8", "bnb-nf4"])
+def test_bitsandbytes_linear(method):
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is an optional dependency (kiln[bnb])")
+    from kiln.runtime.quant.bnb import bnb_linear_factory
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(256, 576, generator=g) * 0.05
+    layer = bnb_linear_factory(method)(w)
+    x = torch.randn(5, 576, generator=g)
+    y = layer(x)
+    assert y.shape == (5, 256) and y.dtype == torch.float32
+    if method == "bnb-nf4":
+        p = layer.inner.weight
+        ref = x @ bnb.functional.dequantize_4bit(p.data, p.quant_state).float().t()
+        assert (y - ref).abs().max() <= 1e-3 * ref.abs().max() + 1e-5
+        err = 0.15  # NF4: 4-bit blocks of 64
+    else:
+        err = 0.02  # int8 rows (and float outlier columns)
+    exact = x @ w.t()
+    assert (y - exact).norm() <= err * exact.norm()
+
+
+def test_bitsandbytes_model_generates(prompt_ids):
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is an optional dependency (kiln[bnb])")
+    from kiln.runtime.quant.bnb import BnbLinear
+
+    engine = Engine(EngineConfig(kv_cache_bytes=64 << 20, quantize="bnb-nf4"))
+    assert sum(isinstance(m, BnbLinear) for m in engine.model.modules()) == 30 * 4 + 1
+    tokens = engine.generate(prompt_ids[:1], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    assert "Paris" in engine.tokenizer.decode(tokens[0])
