@@ -178,10 +178,10 @@ class HessianAccumulator:
 
 # -- the linear layer ---------------------------------------------------------------------
 
-# Batches of up to this many rows use torch's fused int4 GEMV kernel; larger ones (prefill,
-# wide decode batches) dequantize the layer into a bfloat16 buffer and run one GEMM, which is
-# several times faster there (bench/quant.py --kernels measures both).
-GEMV_MAX_ROWS = 8
+# Batches of up to this many rows use torch's fused int4 GEMV kernel (about linear in rows);
+# larger ones (prefill) dequantize the layer into a bfloat16 buffer and run one GEMM
+# (bench/quant.py --kernels measures both).
+GEMV_MAX_ROWS = 64
 _INT4PACK_BLOCK_N = 64  # oneDNN/ATen CPU int4 layout (AVX-512): 64 output rows per block
 
 

@@ -2,7 +2,7 @@
 (`kiln serve --quantize int8`).
 
 CPU: torch's int8 weight-only GEMV (`torch._weight_int8pack_mm`) with bfloat16 activations
-(its float32 path is several times slower than a float32 GEMM); batches past GEMV_MAX_ROWS
+(its float32 path is several times slower than a float32 GEMM); batches past GEMV_MAX_ROWS (32)
 dequantize into bfloat16 and run one GEMM. CUDA: the Triton kernel in kiln.kernels.int8_matmul.
 """
 
@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Measured on AVX-512 (bench/quant.py --kernels): the GEMV kernel wins up to ~8 rows.
-GEMV_MAX_ROWS = 8
+# Measured on AVX-512 (bench/quant.py --kernels): the GEMV kernel wins up to ~32 rows.
+GEMV_MAX_ROWS = 32
 
 
 def quantize_per_channel(weight: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16
