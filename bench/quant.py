@@ -171,6 +171,9 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--llamacpp-python", type=Path, default=ROOT / ".peers" / "llamacpp" / "bin" / "python")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--gptq-folder", type=Path, default=None, help="use this GPTQ folder (e.g. made with --desc-act --asym)")
+    ap.add_argument("--rtn-folder", type=Path, default=None, help="use this round-to-nearest folder")
+    ap.add_argument("--no-speed", action="store_true", help="perplexity and memory only")
     ap.add_argument("--kernels", action="store_true", help="only the per-layer CPU kernel timings (microseconds)")
     args = ap.parse_args()
     if args.kernels:
@@ -181,8 +184,10 @@ def main() -> int:
         return 0
 
     variants = args.variants.split(",")
-    folders = make_folders(args.folders, args.calibration_samples, args.calibration_seq_len) \
-        if {"gptq4", "rtn4", "gptq4+int8head"} & set(variants) else {}
+    folders = {"gptq": args.gptq_folder, "rtn": args.rtn_folder}
+    if {"gptq4", "rtn4", "gptq4+int8head"} & set(variants) and not (args.gptq_folder and args.rtn_folder):
+        made = make_folders(args.folders, args.calibration_samples, args.calibration_seq_len)
+        folders = {k: folders[k] or made[k] for k in made}
     configs = {
         "float32": EngineConfig(), "bfloat16": EngineConfig(dtype="bfloat16"),
         "int8": EngineConfig(quantize="int8"),
@@ -212,18 +217,20 @@ def main() -> int:
         print(f"{v}: weights {r['weights_mib']:.1f} MiB, perplexity {r['perplexity']:.3f}", flush=True)
     singles = {v: [] for v in engines}
     batched = {v: [] for v in engines}
-    for rep in range(args.repeats):  # alternate variants: the host is shared and noisy
+    for rep in range(0 if args.no_speed else args.repeats):  # alternate variants: the host is shared and noisy
         for v, e in engines.items():
             e.generate([single[0][:8]], SamplingParams(temperature=0.0, max_tokens=2))  # warm-up
             singles[v].append(decode_rate(e, single, args.new_tokens, f"s{rep}"))
             batched[v].append(decode_rate(e, batch, args.new_tokens, f"b{rep}"))
             print(f"  run {rep} {v}: single {singles[v][-1]:.1f} tok/s, x{args.concurrency} {batched[v][-1]:.1f} tok/s", flush=True)
-    for v in engines:
+    for v in engines if not args.no_speed else []:
         r = results["variants"][v]
         r["single_stream_tok_s"] = statistics.median(singles[v])
         r[f"concurrent_{args.concurrency}_tok_s"] = statistics.median(batched[v])
         r["runs_single"], r["runs_concurrent"] = singles[v], batched[v]
-    if args.llamacpp_python.is_file():
+    if args.no_speed:
+        pass
+    elif args.llamacpp_python.is_file():
         from kiln.runtime.models.loader import default_gguf_path
 
         rates = [llamacpp_decode(args.llamacpp_python, default_gguf_path(), prompt, args.new_tokens,
