@@ -1,4 +1,4 @@
-"""kiln's command line: `kiln serve`, `kiln generate`, `kiln convert`, `kiln train`."""
+"""kiln's command line: `kiln serve`, `kiln generate`, `kiln convert`, `kiln train`, `kiln quantize`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import EngineConfig, ServerConfig, load_config, parse_size
+from .config import QUANTIZE_METHODS, EngineConfig, ServerConfig, load_config, parse_size
 
 
 def _engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +37,10 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", choices=["auto", "cpu", "triton", "flash-attn"], default=None,
                    help="auto: the cuda backend (Triton kernels, flash-attn prefill when installed) when "
                         "CUDA is present, else cpu; or force one [env KILN_ATTENTION_BACKEND; default auto]")
+    g.add_argument("--quantize", choices=list(QUANTIZE_METHODS), default=None,
+                   help="quantize the weights at load time: int8 (weight-only, per output channel), "
+                        "bnb-int8 / bnb-nf4 (bitsandbytes). A GPTQ folder (see `kiln quantize`) is "
+                        "detected from its config.json and needs no flag [env KILN_QUANTIZE; default: none]")
     g = parser.add_argument_group("LoRA adapters")
     g.add_argument("--lora", dest="loras", action="append", default=None, metavar="NAME=PATH",
                    help="load a PEFT adapter folder at start under NAME (repeatable); requests pick it "
@@ -121,6 +125,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .runtime.quant.calibrate import QuantizeJob, run_quantize
+    from .runtime.quant.gptq import GptqConfig
+
+    config = GptqConfig(bits=args.bits, group_size=args.group_size, desc_act=args.desc_act,
+                        sym=not args.asym, damp_percent=args.damp_percent)
+    job = QuantizeJob(model=args.model, out=Path(args.out), method=args.method, config=config,
+                      calibration=Path(args.calibration) if args.calibration else None,
+                      num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed)
+    print(run_quantize(job))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kiln", description="kiln: an LLM inference server.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +190,35 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.main import add_parser as add_train_parser  # logic lives in kiln/train/
 
     add_train_parser(sub)
+
+    quant = sub.add_parser(
+        "quantize", help="quantize a model's weights with GPTQ (or round-to-nearest) into a new folder",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Quantize the decoder's linear layers to 4 or 8 bits, layer by layer, with GPTQ "
+                    "(Frantar et al., 2022) over a calibration text, and write a folder in the "
+                    "AutoGPTQ / GPTQModel format (qweight, qzeros, scales, g_idx; "
+                    "quantization_config in config.json) that `kiln serve --model DIR` loads.",
+        epilog="example:\n  kiln quantize --method gptq --bits 4 --group-size 128 --out smollm2-gptq-4bit")
+    quant.add_argument("--model", default="default",
+                       help="'default', a Hugging Face folder or a .gguf file [default: default]")
+    quant.add_argument("--out", required=True, help="output folder (replaced if it exists)")
+    quant.add_argument("--method", choices=["gptq", "rtn"], default="gptq",
+                       help="gptq, or rtn (round-to-nearest, the baseline; no calibration) [default gptq]")
+    quant.add_argument("--bits", type=int, choices=[4, 8], default=4, help="bits per weight [default 4]")
+    quant.add_argument("--group-size", type=int, default=128,
+                       help="input columns per scale / zero point; -1 = one group per row [default 128]")
+    quant.add_argument("--desc-act", action="store_true",
+                       help="act-order: quantize columns by decreasing activation energy (better quality; "
+                            "the input is permuted at run time)")
+    quant.add_argument("--asym", action="store_true", help="asymmetric grids (a zero point per group) [default: symmetric]")
+    quant.add_argument("--damp-percent", type=float, default=0.01,
+                       help="dampening added to the Hessian diagonal, as a share of its mean [default 0.01]")
+    quant.add_argument("--calibration", default=None,
+                       help="a UTF-8 text file to calibrate on [default: the text that ships with kiln]")
+    quant.add_argument("--num-samples", type=int, default=64, help="calibration windows [default 64]")
+    quant.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window [default 256]")
+    quant.add_argument("--seed", type=int, default=0, help="seed of the window offsets [default 0]")
+    quant.set_defaults(func=cmd_quantize)
     return parser
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 SAGEMAKER_MODEL_DIR = Path("/opt/ml/model")
+QUANTIZE_METHODS = ("int8", "bnb-int8", "bnb-nf4")  # load-time weight quantization
 
 
 @dataclass
@@ -31,6 +32,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch threads; default: all cores
     attention_backend: str = "auto"  # auto | cpu | triton | flash-attn
+    quantize: str | None = None  # load-time weight quantization: one of QUANTIZE_METHODS
     # LoRA adapters
     loras: str | None = None  # adapters loaded at start: "NAME=PATH[,NAME=PATH...]"
     lora_roots: str | None = None  # folders runtime loads may read from ("DIR[,DIR...]")
@@ -73,6 +75,8 @@ class EngineConfig:
         if self.lora_cache_bytes < 0:
             raise ValueError("lora_cache_bytes must be >= 0")
         self.startup_loras()
+        if self.quantize is not None and self.quantize not in QUANTIZE_METHODS:
+            raise ValueError(f"unknown quantize {self.quantize!r}: use {', '.join(QUANTIZE_METHODS)}")
 
 
 @dataclass
@@ -141,6 +145,8 @@ SETTINGS: list[Setting] = [
     Setting("engine.max_lora_rank", "KILN_MAX_LORA_RANK", ("OPTION_MAX_LORA_RANK",), "largest adapter rank accepted"),
     Setting("engine.lora_cache_bytes", "KILN_LORA_CACHE_BYTES", (),
             "adapter weights kept in memory; least recently used idle adapters are evicted and re-read on demand"),
+    Setting("engine.quantize", "KILN_QUANTIZE", (),
+            "quantize weights at load time: int8, bnb-int8 or bnb-nf4 (GPTQ folders need none)"),
     Setting("server.host", "KILN_HOST", (), "address to bind"),
     Setting("server.port", "KILN_PORT", ("SAGEMAKER_BIND_TO_PORT",), "HTTP port"),
     Setting("server.grpc_port", "KILN_GRPC_PORT", (), "gRPC port; 0 disables it (inside SAGEMAKER_SAFE_PORT_RANGE when that is set)"),
@@ -174,6 +180,11 @@ def _convert(target: str, raw: str, current):
         value = _DTYPE_ALIASES.get(raw.strip().lower(), raw.strip().lower())
         if value not in ("float32", "bfloat16", "float16"):
             raise ValueError("expected float32, bfloat16 or float16")
+        return value
+    if name == "quantize":
+        value = raw.strip().lower()
+        if value not in QUANTIZE_METHODS:
+            raise ValueError(f"expected one of {', '.join(QUANTIZE_METHODS)}")
         return value
     if name in ("kv_cache_bytes", "max_body_bytes", "lora_cache_bytes"):
         return parse_size(raw)

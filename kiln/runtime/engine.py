@@ -95,6 +95,10 @@ class Engine:
         self.tokenizer = Tokenizer(self.model_path)
         dtype = config.torch_dtype
         self.model = LlamaForCausalLM.from_folder(self.model_path, dtype, max_positions=self.max_model_len)
+        if config.quantize:
+            from .quant import quantize_model
+
+            quantize_model(self.model, config.quantize)
         self.model.eval()
 
         per_block = kv_bytes_per_block(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size, dtype)

@@ -117,7 +117,16 @@ class LlamaForCausalLM(nn.Module):
         model.to_empty(device="cpu")
         # Buffers were on meta: rebuild RoPE tables for real.
         model.rope = RotaryEmbedding(cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope_theta)
-        load_weights(model, iter_safetensors(folder), dtype)
+        from ..quant.checkpoint import gptq_loader
+
+        gptq = gptq_loader(folder)  # None unless config.json declares GPTQ weights
+        tensors = iter_safetensors(folder)
+        if gptq is not None:
+            gptq.prepare(model)
+            tensors = gptq.filter(tensors)
+        load_weights(model, tensors, dtype)
+        if gptq is not None:
+            gptq.install(model)
         return model
 
 
