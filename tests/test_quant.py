@@ -247,14 +247,16 @@ def test_int8_model_matches_dequantized_reference(model_path, prompt_ids):
     cfg = engine.model_config
     q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
     for i, layer in enumerate(engine.model.layers):
-        deq = lambda m: m.qweight.float() * m.scales.float()[:, None]  # noqa: E731
+        # the engine wraps every linear for LoRA: the quantized layer is its `base`
+        deq = lambda m: m.base.qweight.float() * m.base.scales.float()[:, None]  # noqa: E731
         for name, w in zip(("q_proj", "k_proj", "v_proj"), deq(layer.self_attn.qkv_proj).split([q, kv, kv])):
             weights[f"model.layers.{i}.self_attn.{name}.weight"] = w
         weights[f"model.layers.{i}.self_attn.o_proj.weight"] = deq(layer.self_attn.o_proj)
         for name, w in zip(("gate_proj", "up_proj"), deq(layer.mlp.gate_up_proj).split([inter, inter])):
             weights[f"model.layers.{i}.mlp.{name}.weight"] = w
         weights[f"model.layers.{i}.mlp.down_proj.weight"] = deq(layer.mlp.down_proj)
-    weights["lm_head.weight"] = deq(engine.model.lm_head)
+    lm_head = engine.model.lm_head  # not a LoRA target: not wrapped
+    weights["lm_head.weight"] = lm_head.qweight.float() * lm_head.scales.float()[:, None]
     assert_greedy_agrees(tokens, prompt_ids, _hf_with_weights(model_path, weights))
 
 
@@ -323,7 +325,10 @@ def test_gptq_model_matches_dequantized_reference_and_survives_save_load_serve(g
     # 3. the loaded layers hold exactly the weights quantized in memory
     for name, module in in_memory.named_modules():
         if isinstance(module, GptqLinear):
-            assert torch.equal(engine.model.get_submodule(name).dequantize(), module.dequantize()), name
+            served = engine.model.get_submodule(name)
+            served = getattr(served, "base", served)  # the engine wraps linears for LoRA
+            assert isinstance(served, GptqLinear), name
+            assert torch.equal(served.dequantize(), module.dequantize()), name
 
     # 4. before saving: the in-memory model, teacher-forced on the served tokens, picks the
     #    same tokens (its batch of many rows runs the dequantize+GEMM kernel, the engine's
