@@ -406,7 +406,8 @@ def test_bad_gptq_folder_cli_error(gptq_folder, tmp_path, capsys):
 
 @pytest.mark.parametrize("method", ["bnb-int8", "bnb-nf4"])
 def test_bitsandbytes_linear(method):
-    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is an optional dependency (kiln[bnb])")
+    import bitsandbytes as bnb  # a dev dependency: `make test` always runs these
+
     from kiln.runtime.quant.bnb import bnb_linear_factory
 
     g = torch.Generator().manual_seed(3)
@@ -427,7 +428,6 @@ def test_bitsandbytes_linear(method):
 
 
 def test_bitsandbytes_model_generates(prompt_ids):
-    pytest.importorskip("bitsandbytes", reason="bitsandbytes is an optional dependency (kiln[bnb])")
     from kiln.runtime.quant.bnb import BnbLinear
 
     engine = Engine(EngineConfig(kv_cache_bytes=64 << 20, quantize="bnb-nf4"))
