@@ -1,4 +1,5 @@
-"""kiln's command line: `kiln serve`, `kiln generate`, `kiln convert`, `kiln train`, `kiln quantize`."""
+"""kiln's command line: `kiln serve`, `kiln generate`, `kiln convert`, `kiln compile`, `kiln train`,
+`kiln quantize`."""
 
 from __future__ import annotations
 
@@ -41,6 +42,28 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
                    help="quantize the weights at load time: int8 (weight-only, per output channel), "
                         "bnb-int8 / bnb-nf4 (bitsandbytes). A GPTQ folder (see `kiln quantize`) is "
                         "detected from its config.json and needs no flag [env KILN_QUANTIZE; default: none]")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda", "neuron"], default=None,
+                   help="auto: neuron when torch-neuronx and a Neuron device are present, else cuda when "
+                        "CUDA is, else cpu [env KILN_DEVICE; default auto]")
+    g = parser.add_argument_group("Neuron (static shapes, compiled graphs; see README 'Neuron backend')")
+    g.add_argument("--neuron-context-buckets", default=None, metavar="N,N,...",
+                   help="prompt-length buckets, e.g. 128,512,2048; a prompt is padded to the smallest that "
+                        "holds it [default: powers of two from 128 up to --max-input-tokens]")
+    g.add_argument("--neuron-batch-size", type=int, default=None,
+                   help="batch rows of the token-generation graph [default: --max-num-seqs]")
+    g.add_argument("--neuron-max-length", type=int, default=None,
+                   help="prompt plus generated tokens, fixed at compile time [default: --max-model-len, "
+                        "else the model's context up to 4096]")
+    g.add_argument("--neuron-compiler-args", default=None, metavar="ARGS",
+                   help="neuronx-cc arguments as one shell string; write it with '=' since it starts with "
+                        "dashes: --neuron-compiler-args='--model-type=transformer -O2' "
+                        "[default '--model-type=transformer']")
+    g.add_argument("--neuron-cache-dir", default=None, metavar="DIR",
+                   help="compiled graphs; reused when model, buckets and flags match [default $KILN_CACHE/neuron]")
+    g.add_argument("--neuron-tp-degree", type=int, default=None,
+                   help="tensor-parallel degree: NeuronCores per model [default 1]")
+    g.add_argument("--neuron-visible-cores", default=None, metavar="CORES",
+                   help="NeuronCores to use, e.g. 0-1 (sets NEURON_RT_VISIBLE_CORES) [default: the runtime's]")
     g = parser.add_argument_group("LoRA adapters")
     g.add_argument("--lora", dest="loras", action="append", default=None, metavar="NAME=PATH",
                    help="load a PEFT adapter folder at start under NAME (repeatable); requests pick it "
@@ -125,6 +148,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    from .runtime.backends.neuron import compile_graphs
+
+    args.device = "neuron"
+    graphs = compile_graphs(_engine_config(args))
+    print(f"{graphs.num_traced} graphs compiled, {graphs.num_loaded} reused from the cache: {graphs.folder}")
+    return 0
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .runtime.quant.calibrate import QuantizeJob, run_quantize
     from .runtime.quant.gptq import GptqConfig
@@ -186,6 +218,19 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("gguf", nargs="?", default="default", help="a .gguf file, or 'default'")
     conv.add_argument("--out", default=None, help="output folder [default: under $KILN_CACHE]")
     conv.set_defaults(func=cmd_convert)
+
+    comp = sub.add_parser(
+        "compile", help="pre-compile the neuron backend's graphs for every bucket into the graph cache",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compile every graph the neuron backend needs (one context-encoding graph per "
+                    "prompt bucket, one token-generation graph) and save them in the graph cache, so "
+                    "that `kiln serve --device neuron` with the same model, buckets and compiler flags "
+                    "starts without compiling. Compiles with torch_neuronx.trace where torch-neuronx "
+                    "imports, with torch.jit.trace elsewhere.",
+        epilog="example:\n  kiln compile --model /opt/ml/model --neuron-context-buckets 128,512,2048 \\\n"
+               "      --neuron-batch-size 8 --neuron-max-length 4096 --dtype bfloat16")
+    _engine_flags(comp)
+    comp.set_defaults(func=cmd_compile)
 
     from .train.main import add_parser as add_train_parser  # logic lives in kiln/train/
 

@@ -15,6 +15,7 @@ import torch
 
 SAGEMAKER_MODEL_DIR = Path("/opt/ml/model")
 QUANTIZE_METHODS = ("int8", "bnb-int8", "bnb-nf4")  # load-time weight quantization
+DEVICES = ("auto", "cpu", "cuda", "neuron")
 
 
 @dataclass
@@ -32,6 +33,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch threads; default: all cores
     attention_backend: str = "auto"  # auto | cpu | triton | flash-attn
+    device: str = "auto"  # auto | cpu | cuda | neuron
     quantize: str | None = None  # load-time weight quantization: one of QUANTIZE_METHODS
     # LoRA adapters
     loras: str | None = None  # adapters loaded at start: "NAME=PATH[,NAME=PATH...]"
@@ -39,6 +41,15 @@ class EngineConfig:
     max_loras: int = 8  # distinct adapters in one running batch
     max_lora_rank: int = 64
     lora_cache_bytes: int = 1 << 30  # adapter weights kept in memory; LRU idle ones evicted
+    # Neuron (static shapes; unset values derive from max_input_tokens / max_model_len /
+    # max_num_seqs and the model's context, see runtime/backends/neuron.py)
+    neuron_context_buckets: str | None = None  # prompt-length buckets, e.g. "128,512,2048"
+    neuron_batch_size: int | None = None  # rows of the token-generation graph
+    neuron_max_length: int | None = None  # prompt plus generated tokens, fixed at compile time
+    neuron_compiler_args: str | None = None  # neuronx-cc arguments (shell words)
+    neuron_cache_dir: str | None = None  # compiled graphs; default: <kiln cache>/neuron
+    neuron_tp_degree: int = 1  # tensor-parallel degree (NeuronCores per model)
+    neuron_visible_cores: str | None = None  # NEURON_RT_VISIBLE_CORES, e.g. "0-1"
 
     def startup_loras(self) -> list[tuple[str, str]]:
         pairs = []
@@ -48,6 +59,19 @@ class EngineConfig:
                 raise ValueError(f"adapter {item!r}: expected NAME=PATH")
             pairs.append((name.strip(), path.strip()))
         return pairs
+
+    def context_buckets(self) -> tuple[int, ...] | None:
+        """The configured Neuron prompt buckets, sorted; None: derive them."""
+        if not self.neuron_context_buckets or not self.neuron_context_buckets.strip():
+            return None
+        try:
+            buckets = sorted({int(b) for b in self.neuron_context_buckets.split(",") if b.strip()})
+        except ValueError:
+            raise ValueError(f"neuron_context_buckets {self.neuron_context_buckets!r}: expected "
+                             "comma-separated token counts, e.g. 128,512,2048") from None
+        if not buckets or buckets[0] < 1:
+            raise ValueError(f"neuron_context_buckets {self.neuron_context_buckets!r}: buckets must be >= 1")
+        return tuple(buckets)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -70,6 +94,15 @@ class EngineConfig:
             raise ValueError("max_input_tokens must be >= 1")
         if self.attention_backend not in ("auto", "cpu", "triton", "flash-attn"):
             raise ValueError(f"unknown attention_backend {self.attention_backend!r}: use auto, cpu, triton or flash-attn")
+        if self.device not in DEVICES:
+            raise ValueError(f"unknown device {self.device!r}: use {', '.join(DEVICES)}")
+        if self.neuron_batch_size is not None and self.neuron_batch_size < 1:
+            raise ValueError("neuron_batch_size must be >= 1")
+        if self.neuron_max_length is not None and self.neuron_max_length < 2:
+            raise ValueError("neuron_max_length must be >= 2")
+        if self.neuron_tp_degree < 1:
+            raise ValueError("neuron_tp_degree must be >= 1")
+        self.context_buckets()
         if self.max_loras < 1 or self.max_lora_rank < 1:
             raise ValueError("max_loras and max_lora_rank must be >= 1")
         if self.lora_cache_bytes < 0:
@@ -137,6 +170,27 @@ SETTINGS: list[Setting] = [
     Setting("engine.num_threads", "KILN_NUM_THREADS", (), "torch CPU threads"),
     Setting("engine.attention_backend", "KILN_ATTENTION_BACKEND", (),
             "auto (cuda backend when CUDA is present, else cpu), cpu, triton or flash-attn"),
+    Setting("engine.device", "KILN_DEVICE", (),
+            "auto (neuron when torch-neuronx and a Neuron device are present, else cuda when CUDA is, "
+            "else cpu), cpu, cuda or neuron"),
+    Setting("engine.neuron_context_buckets", "KILN_NEURON_CONTEXT_BUCKETS", (),
+            "neuron: prompt-length buckets, comma-separated (default: powers of two from 128 up to "
+            "the longest prompt)"),
+    Setting("engine.neuron_batch_size", "KILN_NEURON_BATCH_SIZE", (),
+            "neuron: batch rows of the token-generation graph (default: --max-num-seqs)"),
+    Setting("engine.neuron_max_length", "KILN_NEURON_MAX_LENGTH", (),
+            "neuron: prompt plus generated tokens, fixed at compile time (default: --max-model-len, "
+            "else the model's context up to 4096)"),
+    Setting("engine.neuron_compiler_args", "KILN_NEURON_COMPILER_ARGS", (),
+            "neuron: neuronx-cc arguments (default --model-type=transformer)"),
+    Setting("engine.neuron_cache_dir", "KILN_NEURON_CACHE_DIR", (),
+            "neuron: folder of compiled graphs, reused when model, buckets and flags match "
+            "(default $KILN_CACHE/neuron)"),
+    Setting("engine.neuron_tp_degree", "KILN_NEURON_TP_DEGREE",
+            ("TENSOR_PARALLEL_DEGREE", "OPTION_TENSOR_PARALLEL_DEGREE"),
+            "neuron: tensor-parallel degree (NeuronCores per model)"),
+    Setting("engine.neuron_visible_cores", "KILN_NEURON_VISIBLE_CORES", ("NEURON_RT_VISIBLE_CORES",),
+            "neuron: NeuronCores this server uses, e.g. 0-1 (passed to the runtime as NEURON_RT_VISIBLE_CORES)"),
     Setting("engine.loras", "KILN_LORAS", ("LORA_ADAPTERS",),
             "LoRA adapters loaded at start, NAME=PATH separated by commas (--lora, repeatable)"),
     Setting("engine.lora_roots", "KILN_LORA_ROOTS", (),
@@ -194,7 +248,8 @@ def _convert(target: str, raw: str, current):
             raise ValueError("expected true or false")
         return value in ("1", "true", "yes", "on")
     int_fields = {"block_size", "max_num_batched_tokens", "max_num_seqs", "max_model_len", "max_input_tokens",
-                  "num_threads", "port", "grpc_port", "max_concurrent_requests", "max_loras", "max_lora_rank"}
+                  "num_threads", "port", "grpc_port", "max_concurrent_requests", "max_loras", "max_lora_rank",
+                  "neuron_batch_size", "neuron_max_length", "neuron_tp_degree"}
     if name in int_fields:
         return int(raw)
     if name in ("kv_cache_memory_fraction", "request_timeout", "shutdown_grace"):

@@ -21,10 +21,11 @@ import torch
 
 from ..config import EngineConfig
 from .backends.base import kv_bytes_per_block
-from .backends.select import available_memory, choose_attention_backend, create_backend
+from .backends.neuron import NeuronPlan
+from .backends.select import available_memory, choose_device, create_backend
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import BlockPool
-from .lora import Adapter, AdapterNotFoundError, LoraManager, LoraSettings
+from .lora import Adapter, AdapterError, AdapterNotFoundError, LoraManager, LoraSettings
 from .model_runner import ModelRunner
 from .models.llama import LlamaForCausalLM
 from .models.loader import ModelConfig, resolve_model
@@ -91,7 +92,16 @@ class Engine:
         self.model_name = config.served_model_name or (
             "SmolLM2-135M-Instruct" if config.model == "default" else self.model_path.name
         )
-        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.device, choice = choose_device(config.device, config.attention_backend)
+        self.neuron_plan: NeuronPlan | None = None
+        if self.device == "neuron":
+            self.neuron_plan = NeuronPlan.from_config(config, mc)  # refuses shapes that do not fit
+            self.max_model_len = self.neuron_plan.max_length
+            if config.quantize or config.startup_loras():
+                raise ValueError("the neuron backend runs dense weights without LoRA adapters: "
+                                 "drop --quantize and --lora")
+        else:
+            self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.tokenizer = Tokenizer(self.model_path)
         dtype = config.torch_dtype
         self.model = LlamaForCausalLM.from_folder(self.model_path, dtype, max_positions=self.max_model_len)
@@ -102,25 +112,40 @@ class Engine:
         self.model.eval()
 
         per_block = kv_bytes_per_block(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size, dtype)
-        choice = choose_attention_backend(config.attention_backend)
-        budget = config.kv_cache_bytes or int(available_memory(choice) * config.kv_cache_memory_fraction)
-        num_blocks = budget // per_block
-        if num_blocks < 1:
-            raise ValueError(f"KV budget of {budget} bytes is smaller than one block ({per_block} bytes)")
-        self.backend = create_backend(choice, mc.num_layers, mc.num_heads, mc.num_kv_heads, mc.head_dim,
-                                      num_blocks, config.block_size, dtype,
-                                      max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len)
-        self.backend.prepare_model(self.model)
+        if self.neuron_plan is not None:
+            from .backends.neuron import NeuronBackend
+            from .neuron_runner import NeuronModelRunner
+
+            plan = self.neuron_plan
+            self.backend = NeuronBackend(self.model, plan, self.model_path, dtype)
+            # The KV tensors are the backend's fixed rows; the block pool only does the
+            # bookkeeping, sized so that every row can reach the max length (no preemption).
+            num_blocks = plan.batch_size * -(-plan.max_length // config.block_size)
+            enable_prefix_caching = False  # a row is encoded whole: nothing to share
+            sched = SchedulerConfig(max(config.max_num_batched_tokens, plan.context_buckets[-1] + plan.batch_size),
+                                    plan.batch_size, config.max_loras, chunked_prefill=False)
+        else:
+            budget = config.kv_cache_bytes or int(available_memory(choice) * config.kv_cache_memory_fraction)
+            num_blocks = budget // per_block
+            if num_blocks < 1:
+                raise ValueError(f"KV budget of {budget} bytes is smaller than one block ({per_block} bytes)")
+            self.backend = create_backend(choice, mc.num_layers, mc.num_heads, mc.num_kv_heads, mc.head_dim,
+                                          num_blocks, config.block_size, dtype,
+                                          max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len)
+            self.backend.prepare_model(self.model)
+            enable_prefix_caching = config.enable_prefix_caching
+            sched = SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, config.max_loras)
         roots = tuple(Path(r.strip()) for r in (config.lora_roots or "").split(",") if r.strip())
         self.lora = LoraManager(self.model, mc, LoraSettings(
             config.max_loras, config.max_lora_rank, config.lora_cache_bytes, roots), dtype)
         for name, path in config.startup_loras():
             self.lora.load(name, path, confine=False)  # the operator's own choice at start
-        self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, config.max_loras), self.pool
-        )
-        self.runner = ModelRunner(self.model, self.backend, config.block_size, self.lora.context)
+        self.pool = BlockPool(num_blocks, config.block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(sched, self.pool)
+        if self.neuron_plan is not None:
+            self.runner = NeuronModelRunner(self.backend)
+        else:
+            self.runner = ModelRunner(self.model, self.backend, config.block_size, self.lora.context)
         self._tracked: dict[str, _Tracked] = {}
         self._eos = frozenset(mc.eos_token_ids)
         self.num_steps = 0
@@ -144,6 +169,8 @@ class Engine:
         n = len(prompt_token_ids)
         if n == 0:
             raise ValueError("the prompt is empty")
+        if self.neuron_plan is not None and n > self.neuron_plan.context_buckets[-1]:
+            raise ValueError(self.neuron_plan.too_long(n))
         limit = self.config.max_input_tokens
         if limit is not None and n > limit:
             raise ValueError(f"the prompt has {n} tokens; this server accepts at most {limit}")
@@ -194,6 +221,7 @@ class Engine:
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
+        self.runner.release(seq)
         self._release(seq)
 
     def _release(self, seq: Sequence) -> None:
@@ -204,6 +232,8 @@ class Engine:
     # -- adapters (thread-safe; loads read files: call them off the event loop) --------
 
     def load_adapter(self, name: str, path: str) -> Adapter:
+        if self.neuron_plan is not None:
+            raise AdapterError("the neuron backend does not run LoRA adapters")
         return self.lora.load(name, path)
 
     def unload_adapter(self, name: str) -> None:

@@ -32,6 +32,9 @@ class ModelRunner:
         self.block_size = block_size
         self.lora_context = lora_context
 
+    def release(self, seq: Sequence) -> None:
+        """A sequence left the engine. Nothing to do: its blocks are the scheduler's."""
+
     def execute(self, batch: ScheduledBatch) -> StepResult:
         bs = self.block_size
         decodes: list[Sequence] = []

@@ -57,6 +57,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
     max_loras: int = 0  # distinct LoRA adapters in the running batch; 0: no limit
+    # Off: a waiting sequence is admitted only when all its tokens fit in the step's budget
+    # (static-shape backends encode a prompt whole).
+    chunked_prefill: bool = True
 
 
 @dataclass
@@ -146,6 +149,8 @@ class Scheduler:
             hits, hashes = self.pool.find_cached_prefix(seq.token_ids, seq.cache_salt)
             num_cached = len(hits) * self.pool.block_size
             n = min(seq.num_tokens - num_cached, budget)
+            if n < seq.num_tokens - num_cached and not self.config.chunked_prefill:
+                break
             need = self.pool.blocks_needed(num_cached + n) - len(hits)
             if need + self.pool.num_free_among(hits) > self.pool.num_free:
                 break

@@ -1,8 +1,10 @@
 """Which backend runs the model: chosen once at engine start, and logged.
 
-'auto' takes the cuda backend when CUDA is present (flash-attn prefill when that package
-imports, else the Triton prefill kernel) and the cpu backend otherwise; the other choices
-force one and fail clearly when the machine cannot run it."""
+The device comes first: 'auto' takes neuron when torch-neuronx imports and a Neuron device
+exists (and no attention backend is forced), else cuda or cpu as below. For cuda and cpu,
+the attention backend: 'auto' takes the cuda backend when CUDA is present (flash-attn
+prefill when that package imports, else the Triton prefill kernel) and the cpu backend
+otherwise; the other choices force one and fail clearly when the machine cannot run it."""
 
 from __future__ import annotations
 
@@ -50,6 +52,39 @@ def choose_attention_backend(requested: str = "auto") -> str:
         choice, why = requested, "forced by --attention-backend"
     log.info("attention backend: %s (%s)", choice, why)
     return choice
+
+
+def choose_device(device: str = "auto", attention: str = "auto") -> tuple[str, str | None]:
+    """Return (device, attention backend): ('neuron', None), or ('cpu' | 'cuda', the
+    choice of `choose_attention_backend`)."""
+    if device == "neuron" or (device == "auto" and attention == "auto" and _neuron_available()):
+        if attention != "auto":
+            raise ValueError(f"--attention-backend {attention} does not apply to the neuron device")
+        log.info("device: neuron (%s)", "forced by --device" if device == "neuron" else "torch-neuronx and a Neuron device present")
+        return "neuron", None
+    if device == "cpu":
+        if attention not in ("auto", "cpu"):
+            raise ValueError(f"--attention-backend {attention} needs CUDA; it contradicts --device cpu")
+        return "cpu", choose_attention_backend("cpu")
+    if device == "cuda":
+        if attention == "cpu":
+            raise ValueError("--attention-backend cpu contradicts --device cuda")
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda needs a CUDA device, and none is available")
+        choice = choose_attention_backend(attention)
+        if choice == "cpu":
+            raise ValueError("--device cuda needs triton, which is not installed")
+        return "cuda", choice
+    if device != "auto":
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or neuron")
+    choice = choose_attention_backend(attention)
+    return ("cpu" if choice == "cpu" else "cuda"), choice
+
+
+def _neuron_available() -> bool:
+    from .neuron_graphs import neuron_available
+
+    return neuron_available()
 
 
 def available_memory(choice: str) -> int:
