@@ -36,7 +36,7 @@ TEXT = (
 # Prompt lengths: short, exactly at a bucket edge, one past it, mid-bucket, and two that need
 # the largest bucket (one exactly at its edge).
 LENGTHS = (5, 16, 17, 29, 50, 64)
-GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
 
 def neuron_config(cache_dir, **overrides) -> EngineConfig:
