@@ -254,3 +254,19 @@ def test_device_flags_that_contradict_are_refused():
         Engine(EngineConfig(device="neuron", attention_backend="triton"))
     with pytest.raises(ValueError, match="unknown device"):
         EngineConfig(device="tpu").validate()
+
+
+def test_without_chunked_prefill_a_prompt_waits_for_a_budget_that_holds_it():
+    from kiln.runtime.kv_cache import BlockPool
+    from kiln.runtime.scheduler import Scheduler, SchedulerConfig, Sequence
+
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=40, max_num_seqs=4, chunked_prefill=False),
+                          BlockPool(64, 16, enable_prefix_caching=False))
+    for i, n in enumerate((30, 20)):
+        scheduler.add(Sequence(Request(f"s{i}", [1] * n, GREEDY), [1] * n, n))
+    batch = scheduler.schedule()
+    assert batch.num_new_tokens == [30]  # the second prompt does not fit the 10 left: no chunk
+    scheduler.after_step(batch)
+    for seq in batch.seqs:
+        seq.token_ids.append(2)
+    assert scheduler.schedule().num_new_tokens == [1, 20]

@@ -135,10 +135,10 @@ class NeuronBackend:
             self.dims, plan.context_buckets, self.weights, model_path, dtype, plan.compiler_args,
             plan.tp_degree, plan.cache_dir, self.compiler, progress=progress,
         )
-        log.info("neuron backend (%s): context buckets %s, %d rows, max length %d, graphs %s in %.1fs "
-                 "(traced %d, loaded %d from %s)", self.compiler, list(plan.context_buckets), plan.batch_size,
-                 plan.max_length, "ready", time.perf_counter() - t0, self.graphs.num_traced,
-                 self.graphs.num_loaded, self.graphs.folder)
+        log.info("neuron backend (%s graphs): context buckets %s, %d rows, max length %d, tp degree %d; "
+                 "%d graphs compiled, %d loaded from %s in %.1fs", self.compiler, list(plan.context_buckets),
+                 plan.batch_size, plan.max_length, plan.tp_degree, self.graphs.num_traced,
+                 self.graphs.num_loaded, self.graphs.folder, time.perf_counter() - t0)
 
     def encode(self, bucket: int, input_ids: torch.Tensor, row: int, last: int) -> torch.Tensor:
         """Context-encode one padded prompt into `row`; logits [1, vocab] of token `last`."""
