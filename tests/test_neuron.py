@@ -270,3 +270,16 @@ def test_without_chunked_prefill_a_prompt_waits_for_a_budget_that_holds_it():
     for seq in batch.seqs:
         seq.token_ids.append(2)
     assert scheduler.schedule().num_new_tokens == [1, 20]
+
+
+def test_a_damaged_cache_file_is_compiled_again(engine, tmp_path):
+    from kiln.runtime.backends.neuron_graphs import GraphSet
+
+    dims = dataclasses.replace(engine.backend.dims, rows=2, max_length=32)
+    args = (dims, (16,), engine.backend.weights, engine.model_path, torch.float32, (), 1, tmp_path, "jit")
+    first = GraphSet.load_or_compile(*args)
+    assert (first.num_traced, first.num_loaded) == (2, 0)
+    (first.folder / "token_gen.pt").write_bytes(b"truncated")
+    again = GraphSet.load_or_compile(*args)
+    assert (again.num_traced, again.num_loaded) == (1, 1)
+    assert not list(first.folder.glob("*.tmp"))

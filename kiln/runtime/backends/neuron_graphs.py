@@ -24,6 +24,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 import shutil
 import warnings
 from contextlib import contextmanager
@@ -185,14 +186,15 @@ def _compile(module: nn.Module, example: tuple[torch.Tensor, ...], weights: tupl
 
 
 def _save(graph: torch.jit.ScriptModule, folder: Path, name: str, meta: dict) -> None:
-    """Write atomically (temporary file, then rename), meta.json first."""
+    """Write atomically (a temporary file of this process, then rename), meta.json first, so
+    that servers starting side by side on one cache never read a half-written graph."""
     folder.mkdir(parents=True, exist_ok=True)
     meta_path = folder / "meta.json"
     if not meta_path.is_file() or json.loads(meta_path.read_text()) != meta:
-        tmp = meta_path.with_suffix(".json.tmp")
+        tmp = folder / f"meta.json.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
         tmp.replace(meta_path)
-    tmp = folder / f"{name}.pt.tmp"
+    tmp = folder / f"{name}.pt.{os.getpid()}.tmp"
     with _quiet_jit():
         torch.jit.save(graph, str(tmp))
     tmp.replace(folder / f"{name}.pt")
