@@ -9,7 +9,8 @@
 #                   gRPC on the first port of $SAGEMAKER_SAFE_PORT_RANGE that is not the HTTP
 #                   port (8081 when unset; KILN_GRPC_PORT overrides, 0 turns gRPC off); the
 #                   model from $SM_ROOT/model when it holds one (config.json or a .gguf file),
-#                   else kiln's default model. FLAGS are kiln serve flags and win.
+#                   else kiln's default model; runtime adapter loads allowed from under
+#                   $SM_ROOT (KILN_LORA_ROOTS). FLAGS are kiln serve flags and win.
 #   train [FLAGS]   kiln train under the SageMaker training contract: hyperparameters and data
 #                   channels from $SM_ROOT/input, the adapter to $SM_ROOT/model, checkpoints to
 #                   $SM_ROOT/checkpoints, a failure reason to $SM_ROOT/output/failure.
@@ -59,6 +60,9 @@ serve() {
         [[ -n "$model" ]] && export KILN_MODEL="$model"
     fi
     export KILN_HOST="${KILN_HOST:-0.0.0.0}"
+    # Runtime adapter loads (SageMaker's POST /adapters, used for adapter inference components)
+    # may read adapters that SageMaker placed under its tree; KILN_LORA_ROOTS overrides.
+    export KILN_LORA_ROOTS="${KILN_LORA_ROOTS:-$SM_ROOT}"
     # Without a safe port range the gRPC port defaults to 8081; keep it off the HTTP port.
     local http="${KILN_PORT:-${SAGEMAKER_BIND_TO_PORT:-8080}}"
     if [[ -z "${KILN_GRPC_PORT:-}${SAGEMAKER_SAFE_PORT_RANGE:-}" && "$http" == 8081 ]]; then

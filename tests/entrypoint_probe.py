@@ -7,7 +7,8 @@ It is a script rather than test code so that tests/test_containers.py can also r
 fresh network namespace (`unshare`), where port 8080 is certainly free. The environment is
 passed through unchanged. Output keys: ping (status of GET /ping), models (ids from
 /v1/models), invocation (status and body of POST /invocations), grpc (SERVING or null),
-returncode (after SIGTERM), error (why it gave up, or null).
+adapter (statuses of POST /adapters and of an invocation with the adapter header, when
+--adapter is given), returncode (after SIGTERM), error (why it gave up, or null).
 """
 
 from __future__ import annotations
@@ -39,11 +40,14 @@ def main() -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--grpc-port", type=int, default=0)
     parser.add_argument("--log", type=Path, default=None)
+    parser.add_argument("--adapter", default=None, metavar="NAME=PATH",
+                        help="register this adapter with POST /adapters, then invoke it by header")
     parser.add_argument("cmd", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     base = f"http://127.0.0.1:{args.port}"
-    result: dict = {"ping": None, "models": None, "invocation": None, "grpc": None, "returncode": None, "error": None}
+    result: dict = {"ping": None, "models": None, "invocation": None, "adapter": None, "grpc": None,
+                    "returncode": None, "error": None}
     log = open(args.log, "wb") if args.log else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
@@ -69,6 +73,13 @@ def main() -> int:
                            json={"inputs": "The capital of France is",
                                  "parameters": {"max_new_tokens": 4, "do_sample": False}})
             result["invocation"] = {"status": r.status_code, "body": r.json()}
+            if args.adapter:
+                name, _, src = args.adapter.partition("=")
+                reg = httpx.post(f"{base}/adapters", json={"name": name, "src": src}, timeout=120)
+                inv = httpx.post(f"{base}/invocations", timeout=120,
+                                 headers={"X-Amzn-SageMaker-Adapter-Identifier": name},
+                                 json={"inputs": "The capital of France is", "parameters": {"max_new_tokens": 4}})
+                result["adapter"] = {"register": reg.status_code, "invocation": inv.status_code}
             if args.grpc_port:
                 result["grpc"] = grpc_health(args.grpc_port)
     except Exception as exc:  # report, then still stop the server

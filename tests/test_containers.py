@@ -238,9 +238,10 @@ def default_model() -> Path:
 SERVE_FLAGS = ["--kv-cache-bytes", "32M", "--max-model-len", "256", "--num-threads", "1", "--shutdown-grace", "5"]
 
 
-def probe(env: dict[str, str], port: int, log: Path, grpc_port: int = 0, netns: bool = False) -> dict:
+def probe(env: dict[str, str], port: int, log: Path, grpc_port: int = 0, netns: bool = False,
+          adapter: str | None = None) -> dict:
     cmd = [sys.executable, str(PROBE), "--port", str(port), "--grpc-port", str(grpc_port), "--log", str(log),
-           "--", str(ENTRYPOINT), "serve", *SERVE_FLAGS]
+           *(["--adapter", adapter] if adapter else []), "--", str(ENTRYPOINT), "serve", *SERVE_FLAGS]
     if netns:  # a fresh network namespace: only its own loopback, where 8080 is free
         cmd = ["unshare", "--net", "--map-root-user", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *cmd]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -254,13 +255,19 @@ def test_serve_on_sagemaker_bind_to_port_with_the_model_from_opt_ml(tmp_path: Pa
     sm_root = tmp_path / "ml"
     sm_root.mkdir()
     (sm_root / "model").symlink_to(default_model, target_is_directory=True)  # as SageMaker unpacks model.tar.gz
+    # an adapter SageMaker placed under its tree: runtime loads from there are allowed
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from lora_adapters import make_adapter
+
+    adapter = make_adapter(sm_root / "adapters" / "tone", seed=1, rank=4, targets=["q_proj", "v_proj"])
     port, grpc_port = free_port(), free_port()
     env = entrypoint_env(sm_root, SAGEMAKER_BIND_TO_PORT=str(port), SAGEMAKER_SAFE_PORT_RANGE=f"{grpc_port}-{grpc_port}")
-    result = probe(env, port, tmp_path / "serve.log", grpc_port=grpc_port)
+    result = probe(env, port, tmp_path / "serve.log", grpc_port=grpc_port, adapter=f"tone={adapter}")
     assert result["error"] is None and result["ping"] == 200, result
     assert result["models"] == ["model"], result  # the folder in $SM_ROOT/model, not the default
     inv = result["invocation"]
     assert inv["status"] == 200 and isinstance(inv["body"][0]["generated_text"], str), result
+    assert result["adapter"] == {"register": 200, "invocation": 200}, result
     assert result["grpc"] == "SERVING", result  # gRPC on the safe port range
     assert f"0.0.0.0:{port}" in result["log"]  # bound on every interface, on SageMaker's port
     assert result["returncode"] == 0, result  # SIGTERM reached kiln itself (exec) and it drained
