@@ -25,8 +25,9 @@ SM_ROOT="${SM_ROOT:-/opt/ml}"
 # CUDA forward compatibility (GPU image): when the host's NVIDIA driver is older than the one
 # the image's CUDA needs, the cuda-compat libraries of the base image take over, as SageMaker
 # advises for hosts whose driver lags the container's CUDA. No-op without a GPU or compat dir.
+# CUDA_COMPAT_DIR moves the compat dir (tests).
 enable_cuda_compat() {
-    local compat=/usr/local/cuda/compat lib host image
+    local compat="${CUDA_COMPAT_DIR:-/usr/local/cuda/compat}" lib host image
     [[ -d "$compat" ]] && command -v nvidia-smi >/dev/null 2>&1 || return 0
     host="$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1)" || return 0
     lib="$(find "$compat" -maxdepth 1 -name 'libcuda.so.*.*' -print -quit)"

@@ -355,6 +355,24 @@ def test_any_other_command_is_execd_as_given(tmp_path: Path) -> None:
     assert status.returncode == 7
 
 
+@pytest.mark.parametrize("host_driver, uses_compat", [("550.54.15", True), ("595.91.07", False)])
+def test_cuda_compat_libraries_only_for_an_older_host_driver(tmp_path: Path, host_driver: str, uses_compat: bool) -> None:
+    compat = tmp_path / "compat"
+    compat.mkdir()
+    (compat / "libcuda.so.580.65.06").touch()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\necho {host_driver}\n")
+    smi.chmod(0o755)
+    env = entrypoint_env(tmp_path, CUDA_COMPAT_DIR=str(compat), LD_LIBRARY_PATH="/usr/lib/x")
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    out = subprocess.run([str(ENTRYPOINT), "sh", "-c", 'echo "$LD_LIBRARY_PATH"'], capture_output=True, text=True,
+                         env=env, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == (f"{compat}:/usr/lib/x" if uses_compat else "/usr/lib/x")
+
+
 # ---------------------------------------------------------------- README: deploy commands
 
 
