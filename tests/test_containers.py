@@ -355,6 +355,50 @@ def test_any_other_command_is_execd_as_given(tmp_path: Path) -> None:
     assert status.returncode == 7
 
 
+def _serve_env_with_a_fake_kiln(tmp_path: Path, sm_root: Path, *args: str, **env_extra: str) -> dict:
+    """Run `entrypoint.sh serve ARGS` with a `kiln` that reports what it was given."""
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "kiln"
+    fake.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                    "print(json.dumps({'argv': sys.argv[1:], 'env': {k: v for k, v in os.environ.items() "
+                    "if k.startswith('KILN_')}}))\n")
+    fake.chmod(0o755)
+    env = entrypoint_env(sm_root, **env_extra)
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    out = subprocess.run([str(ENTRYPOINT), "serve", *args], capture_output=True, text=True, env=env, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_serve_settings_the_entrypoint_chooses(tmp_path: Path) -> None:
+    sm_root = tmp_path / "ml"
+    model = sm_root / "model"
+    model.mkdir(parents=True)
+    # an empty model folder: kiln's default model; host 0.0.0.0; adapters from under SM_ROOT
+    got = _serve_env_with_a_fake_kiln(tmp_path, sm_root, "--max-model-len", "512")
+    assert got["argv"] == ["serve", "--max-model-len", "512"]
+    assert "KILN_MODEL" not in got["env"]
+    assert got["env"]["KILN_HOST"] == "0.0.0.0" and got["env"]["KILN_LORA_ROOTS"] == str(sm_root)
+    # a .gguf file (the first, by name) ...
+    (model / "b.gguf").touch()
+    (model / "a.gguf").touch()
+    assert _serve_env_with_a_fake_kiln(tmp_path, sm_root)["env"]["KILN_MODEL"] == str(model / "a.gguf")
+    # ... unless the folder is a Hugging Face model
+    (model / "config.json").write_text("{}")
+    assert _serve_env_with_a_fake_kiln(tmp_path, sm_root)["env"]["KILN_MODEL"] == str(model)
+    # an explicit model (kiln's or TGI's variable) and explicit settings are left alone
+    got = _serve_env_with_a_fake_kiln(tmp_path, sm_root, HF_MODEL_ID="/models/x", KILN_HOST="127.0.0.1",
+                                      KILN_LORA_ROOTS="/adapters")
+    assert "KILN_MODEL" not in got["env"]
+    assert got["env"]["KILN_HOST"] == "127.0.0.1" and got["env"]["KILN_LORA_ROOTS"] == "/adapters"
+    # HTTP on 8081 without a safe port range: gRPC moves off its default 8081
+    assert _serve_env_with_a_fake_kiln(tmp_path, sm_root, SAGEMAKER_BIND_TO_PORT="8081")["env"]["KILN_GRPC_PORT"] == "8082"
+    got = _serve_env_with_a_fake_kiln(tmp_path, sm_root, SAGEMAKER_BIND_TO_PORT="8081",
+                                      SAGEMAKER_SAFE_PORT_RANGE="9000-9001")
+    assert "KILN_GRPC_PORT" not in got["env"]  # kiln picks 9000 from the range itself
+
+
 @pytest.mark.parametrize("host_driver, uses_compat", [("550.54.15", True), ("595.91.07", False)])
 def test_cuda_compat_libraries_only_for_an_older_host_driver(tmp_path: Path, host_driver: str, uses_compat: bool) -> None:
     compat = tmp_path / "compat"
