@@ -30,6 +30,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from .lora_slots import LoraPlan, LoraSlots, grouped_lora
 from .models.loader import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -220,10 +221,82 @@ def _pattern_value(pattern: dict, layer: int, module: str, default: float) -> fl
 
 
 class LoraContext:
-    """What the wrapped linears read during one forward: which rows use which adapter."""
+    """What the wrapped linears read during one forward: which rows use which adapter, and
+    (built from that at the first wrapped linear of the step) how the LoRA term is computed.
 
-    def __init__(self) -> None:
-        self.segments: list[tuple[Adapter, torch.Tensor | slice]] = []
+    mode "loop": each adapter's rows through its own fused weights (the reference path);
+    "grouped": adapters with few rows (decodes) batched through slot-stacked weights in torch
+    ops, adapters with many rows (prefills) one by one; "triton": every row through the
+    segmented Triton kernels (CUDA). See lora_slots.py.
+    """
+
+    def __init__(self, cfg: ModelConfig | None = None, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", max_slots: int = 8, mode: str | None = None) -> None:
+        device = torch.device(device)
+        self._segments: list[tuple[Adapter, torch.Tensor | slice]] = []
+        self._plan: LoraPlan | None = None
+        self.mode = mode or ("loop" if cfg is None else "triton" if device.type == "cuda" else "grouped")
+        self.slots: LoraSlots | None = None
+        if cfg is not None:
+            parts = {(i, name): p for i in range(cfg.num_layers) for name, p in _parts(cfg).items()}
+            self.slots = LoraSlots(parts, {k: _in_features(cfg, k[1]) for k in parts}, max_slots, dtype, device)
+        # "grouped": an adapter with more rows than this runs alone (its rows are a prefill:
+        # padding every group to its length would waste more than the batching saves), and
+        # batching starts at this many adapters (one adapter is as fast alone, on a slice).
+        self.max_group_rows = 8
+        self.min_grouped = 2
+
+    @property
+    def segments(self) -> list[tuple[Adapter, torch.Tensor | slice]]:
+        return self._segments
+
+    @segments.setter
+    def segments(self, value: list[tuple[Adapter, torch.Tensor | slice]]) -> None:
+        self._segments = value
+        self._plan = None  # a new step: rebuilt at its first wrapped linear
+
+    def plan(self, x: torch.Tensor) -> LoraPlan:
+        if self._plan is None:
+            self._plan = self._build(x.shape[0], x.device)
+        return self._plan
+
+    def _build(self, num_rows: int, device: torch.device) -> LoraPlan:
+        live = [(a, rows) for a, rows in self._segments if a.weights is not None]
+        if self.mode == "loop" or self.slots is None:
+            return LoraPlan(single=live)
+        sizes = [_num_rows(rows, num_rows) for _, rows in live]
+        if self.mode == "triton":
+            batched = live[:self.slots.max_slots]
+        else:
+            batched = [seg for seg, n in zip(live, sizes) if n <= self.max_group_rows][:self.slots.max_slots]
+            if len(batched) < self.min_grouped:
+                batched = []
+        single = [seg for seg in live if not any(seg is b for b in batched)]
+        if not batched:
+            return LoraPlan(single=single)
+        slots = self.slots.assign([a for a, _ in batched])
+        n = max(slots) + 1
+        if self.mode == "triton":
+            from ..kernels.lora import lora_indices  # triton only where it runs
+
+            idx = torch.full((num_rows,), -1, dtype=torch.int32)
+            for (_, rows), s in zip(batched, slots):
+                idx[rows] = s
+            return LoraPlan(single=single, num_slots=n, indices=lora_indices(idx.to(device, non_blocking=True), n))
+        m = max(_num_rows(rows, num_rows) for _, rows in batched)
+        gather = torch.zeros(n, m, dtype=torch.long)
+        mask = torch.zeros(n, m, 1, dtype=self.slots.dtype)
+        for (_, rows), s in zip(batched, slots):
+            r = torch.arange(num_rows)[rows] if isinstance(rows, slice) else rows
+            gather[s, :r.numel()] = r
+            mask[s, :r.numel()] = 1
+        full = bool(mask.all())
+        return LoraPlan(single=single, num_slots=n, group_rows=m, gather=gather.view(-1).to(device),
+                        mask=None if full else mask.to(device))
+
+
+def _num_rows(rows: torch.Tensor | slice, total: int) -> int:
+    return len(range(*rows.indices(total))) if isinstance(rows, slice) else rows.numel()
 
 
 class LoraLinear(nn.Module):
@@ -237,7 +310,10 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        for adapter, rows in self.context.segments:
+        if not self.context.segments:
+            return y
+        plan = self.context.plan(x)
+        for adapter, rows in plan.single:
             pair = adapter.weights.get(self.key) if adapter.weights is not None else None
             if pair is None:
                 continue
@@ -247,6 +323,17 @@ class LoraLinear(nn.Module):
             else:
                 rows = rows.to(x.device, non_blocking=True)
                 y.index_add_(0, rows, (x.index_select(0, rows) @ a_t) @ b_t)
+        if plan.num_slots:
+            slots = self.context.slots
+            a, bs, parts, R = slots.a[self.key], slots.b[self.key], slots.parts[self.key], slots.rank
+            if plan.indices is not None:
+                from ..kernels.lora import lora_expand, lora_shrink
+
+                t = lora_shrink(x, a.transpose(1, 2), plan.indices)  # [T, P*R] float32
+                for p, (off, size) in enumerate(parts):
+                    lora_expand(t[:, p * R:(p + 1) * R], bs[p], plan.indices, y, off)
+            else:
+                grouped_lora(x, y, plan, a, bs, parts, R)
         return y
 
 
@@ -259,7 +346,7 @@ class LoraManager:
         self.settings = settings
         self.dtype = dtype
         self.device = next(model.parameters()).device  # adapter weights live beside the model's
-        self.context = LoraContext()
+        self.context = LoraContext(cfg, dtype, self.device, settings.max_loras)
         self._adapters: dict[str, Adapter] = {}
         self._lock = threading.Lock()
         self.num_loads = 0
