@@ -240,11 +240,9 @@ class LoraContext:
         if cfg is not None:
             parts = {(i, name): p for i in range(cfg.num_layers) for name, p in _parts(cfg).items()}
             self.slots = LoraSlots(parts, {k: _in_features(cfg, k[1]) for k in parts}, max_slots, dtype, device)
-        # "grouped": an adapter with more rows than this runs alone (its rows are a prefill:
-        # padding every group to its length would waste more than the batching saves), and
-        # batching starts at this many adapters (one adapter is as fast alone, on a slice).
+        # "grouped": an adapter with more rows than this runs on its own rows, not padded into
+        # the [slots, m] groups of the decode rows.
         self.max_group_rows = 8
-        self.min_grouped = 2
 
     @property
     def segments(self) -> list[tuple[Adapter, torch.Tensor | slice]]:
@@ -264,35 +262,38 @@ class LoraContext:
         live = [(a, rows) for a, rows in self._segments if a.weights is not None]
         if self.mode == "loop" or self.slots is None:
             return LoraPlan(single=live)
-        sizes = [_num_rows(rows, num_rows) for _, rows in live]
-        if self.mode == "triton":
-            batched = live[:self.slots.max_slots]
-        else:
-            batched = [seg for seg, n in zip(live, sizes) if n <= self.max_group_rows][:self.slots.max_slots]
-            if len(batched) < self.min_grouped:
-                batched = []
-        single = [seg for seg in live if not any(seg is b for b in batched)]
+        batched = live[:self.slots.max_slots]  # the scheduler keeps a batch within max_loras
+        single = live[len(batched):]
         if not batched:
             return LoraPlan(single=single)
         slots = self.slots.assign([a for a, _ in batched])
-        n = max(slots) + 1
         if self.mode == "triton":
             from ..kernels.lora import lora_indices  # triton only where it runs
 
             idx = torch.full((num_rows,), -1, dtype=torch.int32)
             for (_, rows), s in zip(batched, slots):
                 idx[rows] = s
+            n = max(slots) + 1
             return LoraPlan(single=single, num_slots=n, indices=lora_indices(idx.to(device, non_blocking=True), n))
-        m = max(_num_rows(rows, num_rows) for _, rows in batched)
+        # "grouped": adapters with few rows (decodes) are padded into [slots, m] groups; one
+        # with many (a prefill) runs on its own rows, where padding others to it would waste
+        # more than batching saves.
+        small = [(rows, s) for (_, rows), s in zip(batched, slots) if _num_rows(rows, num_rows) <= self.max_group_rows]
+        large = [(s, rows if isinstance(rows, slice) else rows.to(device))
+                 for (_, rows), s in zip(batched, slots) if _num_rows(rows, num_rows) > self.max_group_rows]
+        if not small:
+            return LoraPlan(single=single, large=large)
+        n = max(s for _, s in small) + 1
+        m = max(_num_rows(rows, num_rows) for rows, _ in small)
         gather = torch.zeros(n, m, dtype=torch.long)
         mask = torch.zeros(n, m, 1, dtype=self.slots.dtype)
-        for (_, rows), s in zip(batched, slots):
+        for rows, s in small:
             r = torch.arange(num_rows)[rows] if isinstance(rows, slice) else rows
             gather[s, :r.numel()] = r
             mask[s, :r.numel()] = 1
         full = bool(mask.all())
         return LoraPlan(single=single, num_slots=n, group_rows=m, gather=gather.view(-1).to(device),
-                        mask=None if full else mask.to(device))
+                        mask=None if full else mask.to(device), large=large)
 
 
 def _num_rows(rows: torch.Tensor | slice, total: int) -> int:
@@ -323,7 +324,7 @@ class LoraLinear(nn.Module):
             else:
                 rows = rows.to(x.device, non_blocking=True)
                 y.index_add_(0, rows, (x.index_select(0, rows) @ a_t) @ b_t)
-        if plan.num_slots:
+        if plan.num_slots or plan.large:
             slots = self.context.slots
             a, bs, parts, R = slots.a[self.key], slots.b[self.key], slots.parts[self.key], slots.rank
             if plan.indices is not None:

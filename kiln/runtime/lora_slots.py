@@ -21,7 +21,7 @@ kernels (kiln/kernels/lora.py) through a per-row slot index.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -133,19 +133,33 @@ class LoraPlan:
     group_rows: int = 0
     gather: torch.Tensor | None = None  # [num_slots * m] int64
     mask: torch.Tensor | None = None  # [num_slots, m, 1] or None when nothing is padded
+    large: list = field(default_factory=list)  # [(slot, rows)]: slotted adapters with many rows (CPU)
     # CUDA: the Triton kernels' row layout (kiln.kernels.lora.LoraIndices)
     indices: object | None = None
 
 
 def grouped_lora(x: torch.Tensor, y: torch.Tensor, plan: LoraPlan, a: torch.Tensor, bs: list[torch.Tensor],
                  parts: list[tuple[int, int]], rank: int) -> None:
-    """y += the LoRA term of the slotted rows, in torch ops: one gather, one bmm for A, then per
-    part one bmm for B and one scatter-add into its columns of y."""
-    n, m = plan.num_slots, plan.group_rows
-    xg = x.index_select(0, plan.gather).view(n, m, -1)
-    t = torch.bmm(xg, a[:n].transpose(1, 2))  # [n, m, P*R]
-    if plan.mask is not None:
-        t.mul_(plan.mask)  # padding rows (copies of row 0) add nothing
-    for p, (off, size) in enumerate(parts):
-        out = torch.bmm(t[:, :, p * rank:(p + 1) * rank], bs[p][:n])
-        y[:, off:off + size].index_add_(0, plan.gather, out.view(n * m, size))
+    """y += the LoRA term of the slotted rows, in torch ops. Grouped slots: one gather, one bmm
+    for A, one bmm per part for B, one scatter-add. Slots with many rows: plain matmuls on
+    their rows (a slice for a prefill), B per part, so no block-diagonal zeros are read."""
+    if plan.num_slots:
+        n, m = plan.num_slots, plan.group_rows
+        xg = x.index_select(0, plan.gather).view(n, m, -1)
+        t = torch.bmm(xg, a[:n].transpose(1, 2))  # [n, m, P*R]
+        if plan.mask is not None:
+            t.mul_(plan.mask)  # padding rows (copies of row 0) add nothing
+        out = _cat([torch.bmm(t[:, :, p * rank:(p + 1) * rank], bs[p][:n]) for p in range(len(parts))])
+        y.index_add_(0, plan.gather, out.view(n * m, -1))  # one scatter for all parts (measured faster)
+    for s, rows in plan.large:
+        xs = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+        t = xs @ a[s].t()  # [rows, P*R]
+        out = _cat([t[:, p * rank:(p + 1) * rank] @ bs[p][s] for p in range(len(parts))])
+        if isinstance(rows, slice):
+            y[rows] += out
+        else:
+            y.index_add_(0, rows, out)
+
+
+def _cat(outs: list[torch.Tensor]) -> torch.Tensor:
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # parts are contiguous, in order
