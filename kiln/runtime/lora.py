@@ -4,8 +4,10 @@ An adapter is a PEFT folder (adapter_config.json + adapter_model.safetensors). I
 never merged into the base: every wrapped linear computes y = base(x) + B (A x) * scale for the
 rows of the batch that asked for that adapter, so one batch mixes adapters and the base model.
 kiln fuses q/k/v and gate/up into one linear each; an adapter's A matrices of the fused parts
-are stacked and its B matrices placed block-diagonally, so each fused linear still costs one
-pair of small matmuls per adapter in the batch.
+are stacked and its B matrices placed block-diagonally (the per-adapter reference path,
+LoraContext mode "loop"). The serving paths copy each running adapter once into slot-stacked
+buffers, split per part, and compute the term for all adapters of a batch at once: batched
+matmuls on the CPU, segmented Triton kernels on CUDA (lora_slots.py, kernels/lora.py).
 
 Residency: adapter weights live in memory up to a byte budget; past it, the least recently
 used idle adapters are dropped from memory and re-read from their folder when next asked for.
