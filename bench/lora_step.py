@@ -5,6 +5,10 @@ slot-batched path), so drift from other work on a shared machine hits every vari
 Prints the median decode-step forward time per variant and its cost over base.
 
     python bench/lora_step.py --rank 64 --adapters 16 --rounds 12
+
+"loop" is the code before the slot-batched path (it is kept as the reference path), so this
+is also a before/after. On a loaded machine use --threads 1: with 2 threads every small op's
+parallel region waits for a descheduled thread, which swamps what is measured.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--variants", default="base,loop,grouped")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: the engine's default)")
     args = ap.parse_args()
     variants = args.variants.split(",")
     cfg = ModelConfig.from_folder(resolve_model("default"))
@@ -42,7 +47,8 @@ def main() -> None:
         loras = ",".join(f"a{i}={write_adapter(Path(tmp) / f'a{i}', cfg, args.rank, 1000 * args.rank + i)}"
                          for i in range(args.adapters))
         engine = Engine(EngineConfig(kv_cache_bytes=2 << 30, max_num_seqs=args.requests, loras=loras,
-                                     max_loras=max(args.adapters, 1), lora_cache_bytes=8 << 30))
+                                     max_loras=max(args.adapters, 1), lora_cache_bytes=8 << 30,
+                                     num_threads=args.threads or None))
     params = SamplingParams(temperature=0.0, max_tokens=len(variants) * args.rounds + 8, ignore_eos=True)
     for i, prompt in enumerate(prompts):
         engine.add_request(Request(f"r{i}", prompt, params, lora_name=f"a{i % args.adapters}" if args.adapters else None))
