@@ -226,3 +226,13 @@ def test_lora_linear_paths_match_float64(tiny_adapters, mode, dtype) -> None:
         context.segments = segs
         context.plan(torch.zeros(T, 64, dtype=dtype))
         assert context.slots.num_copies == 5
+
+
+def test_one_adapter_runs_on_its_own_weights(tiny_adapters) -> None:
+    """grouped mode with a single adapter in the batch: no slot copy, the per-adapter path."""
+    context = LoraContext(TINY, torch.float64, "cpu", max_slots=4)
+    assert context.mode == "grouped"
+    context.segments = [(tiny_adapters[0], torch.tensor([0, 2]))]
+    plan = context.plan(torch.zeros(3, 64))
+    assert len(plan.single) == 1 and plan.num_slots == 0 and not plan.large
+    assert context.slots.num_copies == 0

@@ -262,8 +262,8 @@ class LoraContext:
 
     def _build(self, num_rows: int, device: torch.device) -> LoraPlan:
         live = [(a, rows) for a, rows in self._segments if a.weights is not None]
-        if self.mode == "loop" or self.slots is None:
-            return LoraPlan(single=live)
+        if self.mode == "loop" or self.slots is None or (self.mode == "grouped" and len(live) == 1):
+            return LoraPlan(single=live)  # one adapter: as fast on its own weights, and no slot copy
         batched = live[:self.slots.max_slots]  # the scheduler keeps a batch within max_loras
         single = live[len(batched):]
         if not batched:
