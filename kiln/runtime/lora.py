@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.util
 import itertools
 import json
 import logging
@@ -237,7 +238,9 @@ class LoraContext:
         device = torch.device(device)
         self._segments: list[tuple[Adapter, torch.Tensor | slice]] = []
         self._plan: LoraPlan | None = None
-        self.mode = mode or ("loop" if cfg is None else "triton" if device.type == "cuda" else "grouped")
+        # CUDA without triton installed keeps to torch ops (the grouped path runs on any device).
+        kernels = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        self.mode = mode or ("loop" if cfg is None else "triton" if kernels else "grouped")
         self.slots: LoraSlots | None = None
         if cfg is not None:
             parts = {(i, name): p for i in range(cfg.num_layers) for name, p in _parts(cfg).items()}
