@@ -236,3 +236,14 @@ def test_one_adapter_runs_on_its_own_weights(tiny_adapters) -> None:
     plan = context.plan(torch.zeros(3, 64))
     assert len(plan.single) == 1 and plan.num_slots == 0 and not plan.large
     assert context.slots.num_copies == 0
+
+
+def test_growing_the_slots_keeps_their_contents(tiny_adapters) -> None:
+    context = LoraContext(TINY, torch.float64, "cpu", max_slots=4)
+    a0, _, _, a3 = tiny_adapters  # both rank 8: the buffers grow without changing rank
+    slots = context.slots
+    first = slots.assign([a0])
+    before = slots.a[(0, "qkv_proj")][first[0]].clone()
+    again = slots.assign([a3, a0])  # a second slot is needed: reallocated, a0 kept in place
+    assert slots.num_slots == 2 and again[1] == first[0] and slots.num_copies == 2
+    assert torch.equal(slots.a[(0, "qkv_proj")][first[0]], before)

@@ -47,16 +47,25 @@ class LoraSlots:
         self.num_copies = 0  # adapters copied into a slot (tests and stats)
 
     def _allocate(self, num_slots: int, rank: int) -> None:
-        """(Re)allocate every buffer empty; all slots are free afterwards."""
-        self.a, self.b = {}, {}  # free the old buffers first
+        """(Re)allocate every buffer. Same rank (growing): the filled slots keep their
+        contents, so they are not copied from the adapters again (~70 ms per rank-64 adapter
+        of the default model); a new rank: all slots are free afterwards."""
+        keep = self.num_slots if rank == self.rank else 0
+        old_a, old_b = self.a, self.b
+        self.a, self.b = {}, {}
         for key, parts in self.parts.items():
-            self.a[key] = torch.zeros(num_slots, len(parts) * rank, self.in_features[key], dtype=self.dtype,
-                                      device=self.device)
-            self.b[key] = [torch.zeros(num_slots, rank, size, dtype=self.dtype, device=self.device)
-                           for _, size in parts]
+            a = torch.zeros(num_slots, len(parts) * rank, self.in_features[key], dtype=self.dtype, device=self.device)
+            bs = [torch.zeros(num_slots, rank, size, dtype=self.dtype, device=self.device) for _, size in parts]
+            if keep:
+                a[:keep] = old_a.pop(key)
+                for b, old in zip(bs, old_b.pop(key)):
+                    b[:keep] = old
+            else:
+                old_a.pop(key, None), old_b.pop(key, None)  # free as we go: the peak stays ~one set
+            self.a[key], self.b[key] = a, bs
         self.num_slots, self.rank = num_slots, rank
-        self._owner = [None] * num_slots
-        self._tick = [0] * num_slots
+        self._owner = self._owner[:keep] + [None] * (num_slots - keep)
+        self._tick = self._tick[:keep] + [0] * (num_slots - keep)
 
     def _live(self, slot: int, adapter) -> bool:
         owner = self._owner[slot]
