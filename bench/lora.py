@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--lora-mode", choices=["loop", "grouped"], help="force a LoRA compute path (A/B; default: the engine's)")
     args = ap.parse_args()
     ranks = [int(r) for r in args.ranks.split(",")]
     counts = [int(c) for c in args.adapters.split(",")]
@@ -85,6 +86,8 @@ def main() -> None:
                          for rank in ranks for i in range(max(counts)))
         engine = Engine(EngineConfig(kv_cache_bytes=2 << 30, max_num_seqs=args.requests, loras=loras,
                                      max_loras=max(max(counts), 1), lora_cache_bytes=8 << 30))
+        if args.lora_mode:
+            engine.lora.context.mode = args.lora_mode
         run(engine, [p[:16] for p in prompts[:2]], [], 4)  # warm-up
         samples: dict[str, list[float]] = {}
         for repeat in range(args.repeats):

@@ -4,8 +4,10 @@ An adapter is a PEFT folder (adapter_config.json + adapter_model.safetensors). I
 never merged into the base: every wrapped linear computes y = base(x) + B (A x) * scale for the
 rows of the batch that asked for that adapter, so one batch mixes adapters and the base model.
 kiln fuses q/k/v and gate/up into one linear each; an adapter's A matrices of the fused parts
-are stacked and its B matrices placed block-diagonally, so each fused linear still costs one
-pair of small matmuls per adapter in the batch.
+are stacked and its B matrices placed block-diagonally (the per-adapter reference path,
+LoraContext mode "loop"). The serving paths copy each running adapter once into slot-stacked
+buffers, split per part, and compute the term for all adapters of a batch at once: batched
+matmuls on the CPU, segmented Triton kernels on CUDA (lora_slots.py, kernels/lora.py).
 
 Residency: adapter weights live in memory up to a byte budget; past it, the least recently
 used idle adapters are dropped from memory and re-read from their folder when next asked for.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.util
 import itertools
 import json
 import logging
@@ -30,6 +33,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from .lora_slots import LoraPlan, LoraSlots, grouped_lora
 from .models.loader import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -220,10 +224,85 @@ def _pattern_value(pattern: dict, layer: int, module: str, default: float) -> fl
 
 
 class LoraContext:
-    """What the wrapped linears read during one forward: which rows use which adapter."""
+    """What the wrapped linears read during one forward: which rows use which adapter, and
+    (built from that at the first wrapped linear of the step) how the LoRA term is computed.
 
-    def __init__(self) -> None:
-        self.segments: list[tuple[Adapter, torch.Tensor | slice]] = []
+    mode "loop": each adapter's rows through its own fused weights (the reference path);
+    "grouped": adapters with few rows (decodes) batched through slot-stacked weights in torch
+    ops, adapters with many rows (prefills) one by one; "triton": every row through the
+    segmented Triton kernels (CUDA). See lora_slots.py.
+    """
+
+    def __init__(self, cfg: ModelConfig | None = None, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", max_slots: int = 8, mode: str | None = None) -> None:
+        device = torch.device(device)
+        self._segments: list[tuple[Adapter, torch.Tensor | slice]] = []
+        self._plan: LoraPlan | None = None
+        # CUDA without triton installed keeps to torch ops (the grouped path runs on any device).
+        kernels = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        self.mode = mode or ("loop" if cfg is None else "triton" if kernels else "grouped")
+        self.slots: LoraSlots | None = None
+        if cfg is not None:
+            parts = {(i, name): p for i in range(cfg.num_layers) for name, p in _parts(cfg).items()}
+            self.slots = LoraSlots(parts, {k: _in_features(cfg, k[1]) for k in parts}, max_slots, dtype, device)
+        # "grouped": an adapter with more rows than this runs on its own rows, not padded into
+        # the [slots, m] groups of the decode rows.
+        self.max_group_rows = 8
+
+    @property
+    def segments(self) -> list[tuple[Adapter, torch.Tensor | slice]]:
+        return self._segments
+
+    @segments.setter
+    def segments(self, value: list[tuple[Adapter, torch.Tensor | slice]]) -> None:
+        self._segments = value
+        self._plan = None  # a new step: rebuilt at its first wrapped linear
+
+    def plan(self, x: torch.Tensor) -> LoraPlan:
+        if self._plan is None:
+            self._plan = self._build(x.shape[0], x.device)
+        return self._plan
+
+    def _build(self, num_rows: int, device: torch.device) -> LoraPlan:
+        live = [(a, rows) for a, rows in self._segments if a.weights is not None]
+        if self.mode == "loop" or self.slots is None or (self.mode == "grouped" and len(live) == 1):
+            return LoraPlan(single=live)  # one adapter: as fast on its own weights, and no slot copy
+        batched = live[:self.slots.max_slots]  # the scheduler keeps a batch within max_loras
+        single = live[len(batched):]
+        if not batched:
+            return LoraPlan(single=single)
+        slots = self.slots.assign([a for a, _ in batched])
+        if self.mode == "triton":
+            from ..kernels.lora import lora_indices  # triton only where it runs
+
+            idx = torch.full((num_rows,), -1, dtype=torch.int32)
+            for (_, rows), s in zip(batched, slots):
+                idx[rows] = s
+            n = max(slots) + 1
+            return LoraPlan(single=single, num_slots=n, indices=lora_indices(idx.to(device, non_blocking=True), n))
+        # "grouped": adapters with few rows (decodes) are padded into [slots, m] groups; one
+        # with many (a prefill) runs on its own rows, where padding others to it would waste
+        # more than batching saves.
+        small = [(rows, s) for (_, rows), s in zip(batched, slots) if _num_rows(rows, num_rows) <= self.max_group_rows]
+        large = [(s, rows if isinstance(rows, slice) else rows.to(device))
+                 for (_, rows), s in zip(batched, slots) if _num_rows(rows, num_rows) > self.max_group_rows]
+        if not small:
+            return LoraPlan(single=single, large=large)
+        n = max(s for _, s in small) + 1
+        m = max(_num_rows(rows, num_rows) for rows, _ in small)
+        gather = torch.zeros(n, m, dtype=torch.long)
+        mask = torch.zeros(n, m, 1, dtype=self.slots.dtype)
+        for rows, s in small:
+            r = torch.arange(num_rows)[rows] if isinstance(rows, slice) else rows
+            gather[s, :r.numel()] = r
+            mask[s, :r.numel()] = 1
+        full = bool(mask.all())
+        return LoraPlan(single=single, num_slots=n, group_rows=m, gather=gather.view(-1).to(device),
+                        mask=None if full else mask.to(device), large=large)
+
+
+def _num_rows(rows: torch.Tensor | slice, total: int) -> int:
+    return len(range(*rows.indices(total))) if isinstance(rows, slice) else rows.numel()
 
 
 class LoraLinear(nn.Module):
@@ -237,7 +316,10 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        for adapter, rows in self.context.segments:
+        if not self.context.segments:
+            return y
+        plan = self.context.plan(x)
+        for adapter, rows in plan.single:
             pair = adapter.weights.get(self.key) if adapter.weights is not None else None
             if pair is None:
                 continue
@@ -247,6 +329,17 @@ class LoraLinear(nn.Module):
             else:
                 rows = rows.to(x.device, non_blocking=True)
                 y.index_add_(0, rows, (x.index_select(0, rows) @ a_t) @ b_t)
+        if plan.num_slots or plan.large:
+            slots = self.context.slots
+            a, bs, parts, R = slots.a[self.key], slots.b[self.key], slots.parts[self.key], slots.rank
+            if plan.indices is not None:
+                from ..kernels.lora import lora_expand, lora_shrink
+
+                t = lora_shrink(x, a.transpose(1, 2), plan.indices)  # [T, P*R] float32
+                for p, (off, size) in enumerate(parts):
+                    lora_expand(t[:, p * R:(p + 1) * R], bs[p], plan.indices, y, off)
+            else:
+                grouped_lora(x, y, plan, a, bs, parts, R)
         return y
 
 
@@ -259,7 +352,7 @@ class LoraManager:
         self.settings = settings
         self.dtype = dtype
         self.device = next(model.parameters()).device  # adapter weights live beside the model's
-        self.context = LoraContext()
+        self.context = LoraContext(cfg, dtype, self.device, settings.max_loras)
         self._adapters: dict[str, Adapter] = {}
         self._lock = threading.Lock()
         self.num_loads = 0

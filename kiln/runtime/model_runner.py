@@ -102,7 +102,8 @@ class ModelRunner:
             logits_indices = torch.tensor(rows, dtype=torch.long)
             device_forward = getattr(self.backend, "forward", None)  # a device backend moves tensors, replays graphs
             if device_forward is not None:
-                # A captured CUDA graph holds no LoRA term: batches with adapters run eagerly.
+                # A captured CUDA graph holds no LoRA term: batches with adapters run eagerly
+                # (their LoRA term goes through the segmented Triton kernels).
                 lora = self.lora_context is not None and bool(self.lora_context.segments)
                 logits = device_forward(self.model, *args, state, logits_indices, use_graphs=not lora)
             else:

@@ -8,6 +8,14 @@ hits and later prefill chunks need no gather). RMSNorm, RoPE and SwiGLU run as T
 by swapping the model's modules for kernel-backed ones. Pure-decode steps replay CUDA graphs
 captured for a ladder of batch sizes (the batch is padded up to the next rung).
 
+LoRA: on this backend the wrapped linears compute the LoRA term with the segmented Triton
+kernels (kiln/kernels/lora.py) over adapter weights stacked per slot on the device and a
+per-row slot index built once per step (runtime/lora.py, lora_slots.py). Batches with
+adapters run eagerly: the graphs are captured before the LoRA wrappers exist. The kernels
+themselves are graph-safe (static grid, no host sync); capturing them would also need slot
+buffers allocated at their full size up front and a second set of graphs, so that base-only
+batches do not pay for the LoRA kernels.
+
 Every tensor lives on `device`, so the same code runs on CPU tensors under
 TRITON_INTERPRET=1, which is how it is tested on machines without a GPU.
 """

@@ -1,0 +1,77 @@
+"""In-process A/B of the LoRA compute paths on decode steps: one engine, 32 running requests
+over N adapters, and each decode step run with one variant in turn (base model = the LoRA
+term switched off; "loop" = each adapter's rows through its own weights; "grouped" = the
+slot-batched path), so drift from other work on a shared machine hits every variant alike.
+Prints the median decode-step forward time per variant and its cost over base.
+
+    python bench/lora_step.py --rank 64 --adapters 16 --rounds 12
+
+"loop" is the code before the slot-batched path (it is kept as the reference path), so this
+is also a before/after. On a loaded machine use --threads 1: with 2 threads every small op's
+parallel region waits for a descheduled thread, which swamps what is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lora import write_adapter  # noqa: E402  (bench/lora.py)
+
+from kiln.config import EngineConfig  # noqa: E402
+from kiln.runtime.engine import Engine  # noqa: E402
+from kiln.runtime.models.loader import ModelConfig, resolve_model  # noqa: E402
+from kiln.runtime.request import Request, SamplingParams  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--adapters", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--variants", default="base,loop,grouped")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: the engine's default)")
+    args = ap.parse_args()
+    variants = args.variants.split(",")
+    cfg = ModelConfig.from_folder(resolve_model("default"))
+    rng = random.Random(0)
+    prompts = [[rng.randrange(100, cfg.vocab_size) for _ in range(rng.randint(64, 256))] for _ in range(args.requests)]
+    with tempfile.TemporaryDirectory() as tmp:
+        loras = ",".join(f"a{i}={write_adapter(Path(tmp) / f'a{i}', cfg, args.rank, 1000 * args.rank + i)}"
+                         for i in range(args.adapters))
+        engine = Engine(EngineConfig(kv_cache_bytes=2 << 30, max_num_seqs=args.requests, loras=loras,
+                                     max_loras=max(args.adapters, 1), lora_cache_bytes=8 << 30,
+                                     num_threads=args.threads or None))
+    params = SamplingParams(temperature=0.0, max_tokens=len(variants) * args.rounds + 8, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(Request(f"r{i}", prompt, params, lora_name=f"a{i % args.adapters}" if args.adapters else None))
+    while engine.last_step is None or engine.last_step.num_decode < args.requests:  # prefills
+        engine.step()
+    context, runner = engine.lora.context, engine.runner
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(args.rounds + 1):  # the first round warms each path (slot copies) and is dropped
+        for v in variants:
+            runner.lora_context = None if v == "base" else context
+            if v != "base":
+                context.mode = v
+            engine.step()
+            times[v].append(engine.last_step.forward_seconds)
+    runner.lora_context = context
+    base = statistics.median(times["base"][1:]) if "base" in times else None
+    print(f"decode step forward, {args.requests} rows, {args.adapters} adapters of rank {args.rank} "
+          f"(median of {args.rounds})")
+    for v in variants:
+        med = statistics.median(times[v][1:])
+        extra = f"  {med / base - 1:+.1%} over base" if base else ""
+        print(f"{v:>8}: {med * 1e3:7.1f} ms{extra}")
+
+
+if __name__ == "__main__":
+    main()
