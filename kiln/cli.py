@@ -41,6 +41,11 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
                    help="quantize the weights at load time: int8 (weight-only, per output channel), "
                         "bnb-int8 / bnb-nf4 (bitsandbytes). A GPTQ folder (see `kiln quantize`) is "
                         "detected from its config.json and needs no flag [env KILN_QUANTIZE; default: none]")
+    g.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
+                   help="split the model over N ranks with torch.distributed: N processes, one GPU each "
+                        "(NCCL) with CUDA, CPU processes (gloo) otherwise; N must divide the attention "
+                        "heads [env KILN_TENSOR_PARALLEL_SIZE, SM_NUM_GPUS, TENSOR_PARALLEL_DEGREE, "
+                        f"OPTION_TENSOR_PARALLEL_DEGREE; default {d.tensor_parallel_size}]")
     g = parser.add_argument_group("LoRA adapters")
     g.add_argument("--lora", dest="loras", action="append", default=None, metavar="NAME=PATH",
                    help="load a PEFT adapter folder at start under NAME (repeatable); requests pick it "

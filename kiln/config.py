@@ -39,6 +39,7 @@ class EngineConfig:
     max_loras: int = 8  # distinct adapters in one running batch
     max_lora_rank: int = 64
     lora_cache_bytes: int = 1 << 30  # adapter weights kept in memory; LRU idle ones evicted
+    tensor_parallel_size: int = 1  # ranks the model is split over (processes; one GPU each on CUDA)
 
     def startup_loras(self) -> list[tuple[str, str]]:
         pairs = []
@@ -75,6 +76,8 @@ class EngineConfig:
         if self.lora_cache_bytes < 0:
             raise ValueError("lora_cache_bytes must be >= 0")
         self.startup_loras()
+        if self.tensor_parallel_size < 1:
+            raise ValueError("tensor_parallel_size must be >= 1")
         if self.quantize is not None and self.quantize not in QUANTIZE_METHODS:
             raise ValueError(f"unknown quantize {self.quantize!r}: use {', '.join(QUANTIZE_METHODS)}")
 
@@ -147,6 +150,10 @@ SETTINGS: list[Setting] = [
             "adapter weights kept in memory; least recently used idle adapters are evicted and re-read on demand"),
     Setting("engine.quantize", "KILN_QUANTIZE", (),
             "quantize weights at load time: int8, bnb-int8 or bnb-nf4 (GPTQ folders need none)"),
+    Setting("engine.tensor_parallel_size", "KILN_TENSOR_PARALLEL_SIZE",
+            ("OPTION_TENSOR_PARALLEL_DEGREE", "TENSOR_PARALLEL_DEGREE", "SM_NUM_GPUS"),
+            "split the model over N ranks (tensor parallelism): N processes, one GPU each with CUDA "
+            "(NCCL), CPU processes otherwise (gloo); 'max' = every visible GPU"),
     Setting("server.host", "KILN_HOST", (), "address to bind"),
     Setting("server.port", "KILN_PORT", ("SAGEMAKER_BIND_TO_PORT",), "HTTP port"),
     Setting("server.grpc_port", "KILN_GRPC_PORT", (), "gRPC port; 0 disables it (inside SAGEMAKER_SAFE_PORT_RANGE when that is set)"),
@@ -186,6 +193,11 @@ def _convert(target: str, raw: str, current):
         if value not in QUANTIZE_METHODS:
             raise ValueError(f"expected one of {', '.join(QUANTIZE_METHODS)}")
         return value
+    if name == "tensor_parallel_size":
+        value = raw.strip().lower()
+        if value in ("max", "auto"):  # LMI: every GPU of the instance
+            return max(1, torch.cuda.device_count())
+        return max(1, int(value))  # SageMaker CPU instances export SM_NUM_GPUS=0
     if name in ("kv_cache_bytes", "max_body_bytes", "lora_cache_bytes"):
         return parse_size(raw)
     if isinstance(current, bool) or name == "enable_prefix_caching":
