@@ -1,0 +1,180 @@
+"""Tensor parallelism (gloo on the CPU): a sharded engine gives the single-process engine's
+greedy tokens (and logprobs within float tolerance) for concurrent prompts, with N = 2 on
+small random Llama models (4 query heads over 2 KV heads, and over 1 KV head, replicated) and
+N = 3 on the default model (9 over 3); int8 and LoRA shard consistently; every rank holds
+about 1/N of the weights; a bad N fails at start naming the head counts; a killed worker
+makes `kiln serve` exit non-zero."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from kiln.config import EngineConfig, load_config
+from kiln.runtime.engine import Engine
+from kiln.runtime.parallel import TensorParallelError, weight_bytes
+from kiln.runtime.request import SamplingParams
+from kiln_process import KilnProcess
+from tp_models import make_llama
+
+NEW_TOKENS = 12
+LOGPROB_TOL = 2e-3
+GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=2)
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a land far away, there lived a",
+    "The quick brown fox jumps over the lazy dog. " * 5 + "Then the dog",
+    "You are a careful assistant. Answer in plain words. Question: why is the sky blue?",
+    "You are a careful assistant. Answer in plain words. Question: how do I boil an egg?",
+]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> Path:
+    return make_llama(tmp_path_factory.mktemp("tp") / "small-h4-kv2", heads=4, kv_heads=2, seed=1)
+
+
+@pytest.fixture(scope="module")
+def small_kv1(tmp_path_factory) -> Path:
+    return make_llama(tmp_path_factory.mktemp("tp") / "small-h4-kv1", heads=4, kv_heads=1, tie=True, seed=2)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids() -> list[list[int]]:
+    from kiln.runtime.models.loader import resolve_model
+    from kiln.runtime.tokenizer import Tokenizer
+
+    tok = Tokenizer(resolve_model("default"))
+    return [tok.encode(p) for p in PROMPTS]
+
+
+def _config(model: str, **overrides) -> EngineConfig:
+    return dataclasses.replace(EngineConfig(model=model, kv_cache_bytes=32 << 20), **overrides)
+
+
+def run(config: EngineConfig, prompts, params=GREEDY, stats: bool = False, before=None):
+    """(tokens, logprobs of the chosen tokens, per-rank stats or the weight bytes) of one engine."""
+    engine = Engine(config)
+    try:
+        if before is not None:
+            before(engine)
+        ids, lps = _generate(engine, prompts, params)
+        if engine.tp is not None:
+            info = engine.tp.rank_stats() if stats else None
+            assert engine.pool.num_free == engine.pool.num_blocks
+        else:
+            info = weight_bytes(engine.model)
+        return ids, lps, info, engine
+    finally:
+        engine.close()
+
+
+def _generate(engine: Engine, prompts, params):
+    from kiln.runtime.request import Request
+
+    params_list = params if isinstance(params, list) else [params] * len(prompts)
+    rids = []
+    for i, (prompt, p) in enumerate(zip(prompts, params_list)):
+        request = Request(f"r{i}-{time.monotonic_ns()}", prompt, p,
+                          lora_name=getattr(p, "_lora", None))
+        engine.add_request(request)
+        rids.append(request.request_id)
+    tokens = {r: [] for r in rids}
+    lps = {r: [] for r in rids}
+    with torch.inference_mode():
+        while engine.has_work:
+            for out in engine.step():
+                tokens[out.request_id].extend(out.new_token_ids)
+                lps[out.request_id].extend(lp.logprob for lp in out.new_logprobs or [])
+    return [tokens[r] for r in rids], [lps[r] for r in rids]
+
+
+def assert_same(got, want) -> None:
+    (g_tokens, g_lps), (w_tokens, w_lps) = got, want
+    for i, (a, b) in enumerate(zip(g_tokens, w_tokens)):
+        assert a == b, f"prompt {i}: sharded {a} != single-process {b}"
+    diff = max(abs(x - y) for a, b in zip(g_lps, w_lps) for x, y in zip(a, b))
+    assert diff < LOGPROB_TOL, f"logprobs differ by up to {diff:.2e}"
+
+
+def assert_about_1_over_n(stats: list[dict], total: int, world: int) -> None:
+    assert [s["rank"] for s in stats] == list(range(world))
+    assert len({s["pid"] for s in stats}) == world, "every rank is its own process"
+    for s in stats:
+        share = s["weight_bytes"] / total
+        assert abs(share - 1 / world) < 0.02, f"rank {s['rank']} holds {share:.3f} of the weights, not ~1/{world}"
+        assert s["rss_bytes"] > s["weight_bytes"]
+
+
+# -- start-up ---------------------------------------------------------------------------------
+
+def test_bad_size_fails_at_start_naming_the_head_counts():
+    with pytest.raises(TensorParallelError, match=r"tensor parallel size 2 does not divide the model's "
+                                                  r"9 attention heads over 3 KV heads.*allows: 1, 3$"):
+        Engine(EngineConfig(tensor_parallel_size=2, kv_cache_bytes=16 << 20))
+
+
+def test_size_setting_and_aliases():
+    assert load_config(environ={"SM_NUM_GPUS": "4"}).engine.tensor_parallel_size == 4
+    assert load_config(environ={"SM_NUM_GPUS": "0"}).engine.tensor_parallel_size == 1  # CPU instances
+    assert load_config(environ={"OPTION_TENSOR_PARALLEL_DEGREE": "2", "SM_NUM_GPUS": "8"}).engine.tensor_parallel_size == 2
+    assert load_config(environ={"TENSOR_PARALLEL_DEGREE": "3"}).engine.tensor_parallel_size == 3
+    assert load_config(environ={"KILN_TENSOR_PARALLEL_SIZE": "2", "SM_NUM_GPUS": "8"}).engine.tensor_parallel_size == 2
+    from kiln.cli import _config, build_parser
+
+    args = build_parser().parse_args(["serve", "--tensor-parallel-size", "3"])
+    assert _config(args).engine.tensor_parallel_size == 3
+
+
+# -- greedy equality ---------------------------------------------------------------------------
+
+def test_two_ranks_match_single_process(small, prompt_ids):
+    single = run(_config(str(small)), prompt_ids)
+    sharded = run(_config(str(small), tensor_parallel_size=2), prompt_ids, stats=True)
+    assert_same(sharded[:2], single[:2])
+    assert_about_1_over_n(sharded[2], single[2], 2)
+
+
+def test_two_ranks_under_chunked_prefill_and_preemption(small, prompt_ids):
+    """Block tables change by appends, prefix-cache hits and whole replacements (preemption):
+    the workers' mirrors must follow."""
+    from kiln.runtime.backends.base import kv_bytes_per_block
+
+    longest = max(len(p) for p in prompt_ids) + NEW_TOKENS
+    blocks = -(-longest // 16) + 3
+    single = run(_config(str(small)), prompt_ids)
+    # 1 KV head per rank: a rank's block is half the single-process one; same block count
+    per_block = kv_bytes_per_block(3, 1, 32, 16, torch.float32)
+    sharded = run(_config(str(small), tensor_parallel_size=2, kv_cache_bytes=blocks * per_block,
+                          max_num_batched_tokens=16), prompt_ids)
+    engine = sharded[3]
+    assert engine.pool.num_blocks == blocks
+    assert engine.scheduler.num_preemptions > 0, "the KV budget was meant to force preemption"
+    assert_same(sharded[:2], single[:2])
+
+
+def test_kv_heads_replicated_when_fewer_than_ranks(small_kv1, prompt_ids):
+    single = run(_config(str(small_kv1)), prompt_ids)
+    sharded = run(_config(str(small_kv1), tensor_parallel_size=2), prompt_ids, stats=True)
+    assert sharded[3].tp.plan.num_kv_heads == 1 and sharded[3].tp.plan.num_heads == 2
+    assert_same(sharded[:2], single[:2])
+    # the embedding (tied LM head) and the MLP split; the one KV head is on both ranks
+    assert_about_1_over_n(sharded[2], single[2], 2)
+
+
+def test_three_ranks_on_the_default_model(prompt_ids):
+    single = run(_config("default"), prompt_ids)
+    sharded = run(_config("default", tensor_parallel_size=3), prompt_ids, stats=True)
+    assert_same(sharded[:2], single[:2])
+    assert_about_1_over_n(sharded[2], single[2], 3)
