@@ -178,3 +178,48 @@ def test_three_ranks_on_the_default_model(prompt_ids):
     sharded = run(_config("default", tensor_parallel_size=3), prompt_ids, stats=True)
     assert_same(sharded[:2], single[:2])
     assert_about_1_over_n(sharded[2], single[2], 3)
+
+
+# -- a dead worker --------------------------------------------------------------------------------
+
+def test_killed_worker_makes_the_server_exit_non_zero(small, tmp_path):
+    server = KilnProcess(tmp_path, "--model", str(small), "--tensor-parallel-size", "2",
+                         "--kv-cache-bytes", "16M")
+    try:
+        r = httpx.post(f"{server.base_url}/v1/completions", timeout=60,
+                       json={"model": "small-h4-kv2", "prompt": "Hello", "max_tokens": 4})
+        assert r.status_code == 200, r.text
+        m = re.search(r"tensor parallel: 2 ranks over gloo; rank 0 pid (\d+); worker pids rank1=(\d+)", server.log())
+        assert m, server.log()
+        assert int(m.group(1)) == server.proc.pid
+        # kill it while a request is in the middle of its steps (rank 0 inside a collective)
+        import threading
+
+        results = []
+
+        def long_request() -> None:
+            try:
+                results.append(httpx.post(f"{server.base_url}/v1/completions", timeout=90, json={
+                    "model": "small-h4-kv2", "prompt": "Hello", "max_tokens": 900, "ignore_eos": True}).status_code)
+            except httpx.HTTPError as exc:
+                results.append(type(exc).__name__)
+
+        thread = threading.Thread(target=long_request)
+        thread.start()
+        time.sleep(1.5)
+        os.kill(int(m.group(2)), signal.SIGKILL)
+        t0 = time.monotonic()
+        try:
+            code = server.proc.wait(timeout=60)
+        except Exception:
+            raise AssertionError(f"kiln serve still running 60 s after its worker died:\n{server.log()}") from None
+        elapsed = time.monotonic() - t0
+        assert code != 0, server.log()
+        log = server.log()
+        assert "tensor parallel worker rank 1" in log and "exited with code -9" in log, log
+        assert "kiln: the engine failed" in log, log
+        thread.join(timeout=30)
+        assert results and results[0] != 200, results  # the request in flight ended with an error
+        print(f"server exited with {code} {elapsed:.1f} s after the worker was killed; in-flight request: {results}")
+    finally:
+        server.stop(timeout=10)

@@ -420,6 +420,10 @@ class AsyncEngine:
         return self._thread.is_alive() and self.engine.fatal_error is None
 
     @property
+    def fatal_error(self) -> str | None:
+        return self.engine.fatal_error
+
+    @property
     def num_in_flight(self) -> int:
         return len(self._streams)
 

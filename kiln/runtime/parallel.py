@@ -487,6 +487,10 @@ class TensorParallelEngine:
             return
         self._closed = True
         self._watch_stop.set()
+        if self.fatal_error is not None:  # the group is broken: no goodbyes
+            for p in self.procs:
+                if p.is_alive():
+                    p.terminate()
         if dist.is_initialized():
             if self.fatal_error is None:
                 try:
