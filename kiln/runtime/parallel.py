@@ -184,15 +184,19 @@ class ShardPlan:
         memory-mapped (`get_slice`), never the whole tensor."""
         from safetensors import safe_open
 
+        from .quant.checkpoint import read_quantization_config
+
         files = sorted(Path(folder).glob("*.safetensors"))
         if not files:
             raise ModelNotFoundError(f"{folder} has no *.safetensors files")
+        gptq = read_quantization_config(Path(folder))
+        pack = 32 // gptq.bits if gptq is not None else 8
         for f in files:
             with safe_open(str(f), framework="pt") as handle:
                 for name in handle.keys():
-                    yield name, self.read(handle, name)
+                    yield name, self.read(handle, name, pack)
 
-    def read(self, handle, name: str) -> torch.Tensor:
+    def read(self, handle, name: str, gptq_pack: int = 8) -> torch.Tensor:
         short = name.removeprefix("model.")
         module, _, suffix = short.rpartition(".")
         spec = self.slice_of(module)
@@ -205,16 +209,15 @@ class ShardPlan:
             if module.endswith(("embed_tokens", "lm_head")) and t.shape[0] < self.vocab:
                 t = torch.cat([t, t.new_zeros(self.vocab - t.shape[0], t.shape[1])])  # pad the last rank
             return t.contiguous()
-        return self._read_gptq(sl, suffix, dim, start, stop, module)
+        return self._read_gptq(sl, suffix, dim, start, stop, module, gptq_pack)
 
-    def _read_gptq(self, sl, suffix: str, dim: int, start: int, stop: int, module: str) -> torch.Tensor:
+    def _read_gptq(self, sl, suffix: str, dim: int, start: int, stop: int, module: str, pf: int) -> torch.Tensor:
         """GPTQ tensors (AutoGPTQ layout, [in, out] packed along `in` for qweight, along `out`
         for qzeros). Column-parallel: slice the output columns of qweight/qzeros/scales.
         Row-parallel: slice qweight's packed input rows and g_idx; scales and zeros keep every
         group (a slice may end mid-group: its columns still find their group by g_idx)."""
         from .quant.checkpoint import QuantizedCheckpointError
 
-        pf = self.gptq_pack
         if dim == 0:  # output columns
             if suffix == "qweight" or suffix == "scales":
                 return sl[:, start:stop].contiguous()
@@ -234,8 +237,6 @@ class ShardPlan:
         if suffix == "g_idx":
             return sl[start:stop].contiguous()
         return sl[:]  # scales, qzeros: all groups
-
-    gptq_pack: int = 8  # set by the GPTQ loader from the checkpoint's bits
 
     # -- LoRA adapters: the same slices of A (row-parallel) or B (column-parallel) --------
 

@@ -30,8 +30,12 @@ def quantize_per_channel(weight: torch.Tensor, scale_dtype: torch.dtype = torch.
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, act_dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, act_dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        if act_dtype is None:
+            from .qweight import default_act_dtype
+
+            act_dtype = default_act_dtype()
         self.out_features, self.in_features = qweight.shape
         self.act_dtype = act_dtype
         self.register_buffer("qweight", qweight.contiguous())
