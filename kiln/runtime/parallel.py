@@ -405,6 +405,7 @@ class TensorParallelEngine:
                  "nccl" if use_cuda else "gloo", os.getpid(),
                  " ".join(f"rank{r}={p.pid}" for r, p in enumerate(self.procs, 1)))
         self._watch_stop = threading.Event()
+        self._worker_died = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, name="kiln-tp-watchdog", daemon=True)
         self._watchdog.start()
         _active = self
@@ -450,8 +451,14 @@ class TensorParallelEngine:
         try:
             dist.broadcast_object_list([message], src=0, group=self.tp.meta_group)
         except Exception as exc:
-            self._fail(f"tensor parallel: broadcasting to the workers failed: {exc}")
+            self.collective_failed(exc)
             raise
+
+    def collective_failed(self, exc: BaseException) -> None:
+        """A step failed on rank 0: the ranks are out of step, so the engine cannot go on.
+        Name the worker that died, if one did (its socket may fail before its exit is seen)."""
+        if not self._worker_died.wait(timeout=3.0):  # the watchdog alone reaps the workers
+            self._fail(f"tensor parallel: a step failed on rank 0, the ranks are out of step: {exc}")
 
     def rank_stats(self) -> list[dict]:
         """Per rank: pid, weight bytes, RSS (collected from every rank)."""
@@ -475,6 +482,7 @@ class TensorParallelEngine:
                 p.join(timeout=1)
                 self._fail(f"tensor parallel worker rank {rank} (pid {p.pid}) exited with code {p.exitcode}; "
                            f"the engine cannot run without it")
+                self._worker_died.set()
                 return
 
     def _fail(self, message: str) -> None:
@@ -527,7 +535,11 @@ class TensorParallelRunner(ModelRunner):
 
     def execute(self, batch):
         with self.tpe._lock:
-            return super().execute(batch)
+            try:
+                return super().execute(batch)
+            except Exception as exc:
+                self.tpe.collective_failed(exc)
+                raise
 
     def forget(self, seq) -> None:
         key = self.tpe._keys.pop(seq.request_id, None)
