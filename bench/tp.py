@@ -16,6 +16,7 @@ each rank owns one GPU and the collectives run on NCCL:
     python bench/tp.py                                  # sizes 1,2 on the CPU
     python bench/tp.py --sizes 1,2,4,8 --model /models/llama-3-8b --num-requests 64   # 8 GPUs
     python bench/tp.py --json bench/results/tp.json
+    python bench/tp.py --sizes 1 --threads-per-rank 1   # N=1 with as many threads as a rank of N=2
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--kv-cache-bytes", default="256M")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads-per-rank", type=int, default=None,
+                    help="torch threads of every rank [default: CPU cores / N]")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
 
@@ -112,13 +115,15 @@ def main() -> int:
     results = []
     for size in (int(s) for s in args.sizes.split(",")):
         config = EngineConfig(model=model, dtype=args.dtype, kv_cache_bytes=parse_size(args.kv_cache_bytes),
-                              tensor_parallel_size=size, max_num_seqs=max(64, args.num_requests))
+                              tensor_parallel_size=size, max_num_seqs=max(64, args.num_requests),
+                              num_threads=args.threads_per_rank or max(1, (os.cpu_count() or 1) // size))
         r = bench(config, prompts, args.new_tokens)
+        r["threads_per_rank"] = config.num_threads
         results.append(r)
         ranks = ", ".join(f"rank {x['rank']}: weights {x['weight_bytes'] / 2**20:.0f} MiB, RSS {x['rss_bytes'] / 2**20:.0f} MiB"
                           for x in r["ranks"])
         step = f"{r['decode_step_ms']:.1f} ms" if r["decode_step_ms"] else "-"
-        print(f"N={size}: {r['tokens_per_s']:.1f} tokens/s ({r['tokens']} tokens in {r['seconds']:.1f} s), "
+        print(f"\nN={size} ({config.num_threads} threads per rank): {r['tokens_per_s']:.1f} tokens/s ({r['tokens']} tokens in {r['seconds']:.1f} s), "
               f"decode step @{args.num_requests} {step}, load {r['load_seconds']:.1f} s; {ranks}", flush=True)
     if args.json:
         meta = {"command": " ".join(["python", *sys.argv]), "machine": platform.processor() or platform.machine(),

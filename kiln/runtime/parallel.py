@@ -619,7 +619,6 @@ def _worker_main(rank: int, world: int, port: int, config, model_path: str, max_
 
 
 def _worker(rank: int, world: int, port: int, config, model_path: Path, max_model_len: int) -> None:
-    from .backends.base import kv_bytes_per_block  # noqa: F401 - same imports as rank 0
     from .backends.select import choose_attention_backend, create_backend
     from .lora import Adapter, LoraManager, LoraSettings, read_adapter
     from .models.llama import LlamaForCausalLM
