@@ -281,8 +281,11 @@ class TensorParallel:
         return y
 
     def all_reduce_max(self, y: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(y, op=dist.ReduceOp.MAX)
-        return y
+        """Elementwise max over the ranks (load-time int8 scales; the model may still be on
+        the CPU while NCCL needs device tensors)."""
+        t = y.to(self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.to(y.device)
 
     def embed(self, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         start = self.plan.vocab_start
