@@ -81,6 +81,14 @@ class _Tracked:
 
 class Engine:
     def __init__(self, config: EngineConfig) -> None:
+        try:
+            self._init(config)
+        except BaseException:
+            if getattr(self, "tp", None) is not None:  # started tensor-parallel workers: stop them
+                self.tp.close()
+            raise
+
+    def _init(self, config: EngineConfig) -> None:
         config.validate()
         self.config = config
         if config.num_threads:
@@ -100,11 +108,7 @@ class Engine:
             from .parallel import TensorParallelEngine
 
             self.tp = TensorParallelEngine(config, self.model_path, mc, self.max_model_len)
-            try:
-                self.model = self.tp.load_model(dtype, self.max_model_len)
-            except BaseException:
-                self.tp.close()
-                raise
+            self.model = self.tp.load_model(dtype, self.max_model_len)
             num_heads, num_kv_heads = self.tp.plan.num_heads, self.tp.plan.num_kv_heads
         else:
             self.model = LlamaForCausalLM.from_folder(self.model_path, dtype, max_positions=self.max_model_len)
