@@ -42,6 +42,11 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
                    help="quantize the weights at load time: int8 (weight-only, per output channel), "
                         "bnb-int8 / bnb-nf4 (bitsandbytes). A GPTQ folder (see `kiln quantize`) is "
                         "detected from its config.json and needs no flag [env KILN_QUANTIZE; default: none]")
+    g.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
+                   help="split the model over N ranks with torch.distributed: N processes, one GPU each "
+                        "(NCCL) with CUDA, CPU processes (gloo) otherwise; N must divide the attention "
+                        "heads [env KILN_TENSOR_PARALLEL_SIZE, SM_NUM_GPUS, TENSOR_PARALLEL_DEGREE, "
+                        f"OPTION_TENSOR_PARALLEL_DEGREE; default {d.tensor_parallel_size}]")
     g.add_argument("--device", choices=["auto", "cpu", "cuda", "neuron"], default=None,
                    help="auto: neuron when torch-neuronx and a Neuron device are present, else cuda when "
                         "CUDA is, else cpu [env KILN_DEVICE; default auto]")
@@ -60,8 +65,6 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
                         "[default '--model-type=transformer']")
     g.add_argument("--neuron-cache-dir", default=None, metavar="DIR",
                    help="compiled graphs; reused when model, buckets and flags match [default $KILN_CACHE/neuron]")
-    g.add_argument("--neuron-tp-degree", type=int, default=None,
-                   help="tensor-parallel degree: NeuronCores per model [default 1]")
     g.add_argument("--neuron-visible-cores", default=None, metavar="CORES",
                    help="NeuronCores to use, e.g. 0-1 (sets NEURON_RT_VISIBLE_CORES) [default: the runtime's]")
     g = parser.add_argument_group("LoRA adapters")

@@ -48,8 +48,8 @@ class EngineConfig:
     neuron_max_length: int | None = None  # prompt plus generated tokens, fixed at compile time
     neuron_compiler_args: str | None = None  # neuronx-cc arguments (shell words)
     neuron_cache_dir: str | None = None  # compiled graphs; default: <kiln cache>/neuron
-    neuron_tp_degree: int = 1  # tensor-parallel degree (NeuronCores per model)
     neuron_visible_cores: str | None = None  # NEURON_RT_VISIBLE_CORES, e.g. "0-1"
+    tensor_parallel_size: int = 1  # ranks the model is split over (processes; one GPU each on CUDA)
 
     def startup_loras(self) -> list[tuple[str, str]]:
         pairs = []
@@ -100,14 +100,14 @@ class EngineConfig:
             raise ValueError("neuron_batch_size must be >= 1")
         if self.neuron_max_length is not None and self.neuron_max_length < 2:
             raise ValueError("neuron_max_length must be >= 2")
-        if self.neuron_tp_degree < 1:
-            raise ValueError("neuron_tp_degree must be >= 1")
         self.context_buckets()
         if self.max_loras < 1 or self.max_lora_rank < 1:
             raise ValueError("max_loras and max_lora_rank must be >= 1")
         if self.lora_cache_bytes < 0:
             raise ValueError("lora_cache_bytes must be >= 0")
         self.startup_loras()
+        if self.tensor_parallel_size < 1:
+            raise ValueError("tensor_parallel_size must be >= 1")
         if self.quantize is not None and self.quantize not in QUANTIZE_METHODS:
             raise ValueError(f"unknown quantize {self.quantize!r}: use {', '.join(QUANTIZE_METHODS)}")
 
@@ -186,9 +186,6 @@ SETTINGS: list[Setting] = [
     Setting("engine.neuron_cache_dir", "KILN_NEURON_CACHE_DIR", (),
             "neuron: folder of compiled graphs, reused when model, buckets and flags match "
             "(default $KILN_CACHE/neuron)"),
-    Setting("engine.neuron_tp_degree", "KILN_NEURON_TP_DEGREE",
-            ("TENSOR_PARALLEL_DEGREE", "OPTION_TENSOR_PARALLEL_DEGREE"),
-            "neuron: tensor-parallel degree (NeuronCores per model)"),
     Setting("engine.neuron_visible_cores", "KILN_NEURON_VISIBLE_CORES", ("NEURON_RT_VISIBLE_CORES",),
             "neuron: NeuronCores this server uses, e.g. 0-1 (passed to the runtime as NEURON_RT_VISIBLE_CORES)"),
     Setting("engine.loras", "KILN_LORAS", ("LORA_ADAPTERS",),
@@ -201,6 +198,10 @@ SETTINGS: list[Setting] = [
             "adapter weights kept in memory; least recently used idle adapters are evicted and re-read on demand"),
     Setting("engine.quantize", "KILN_QUANTIZE", (),
             "quantize weights at load time: int8, bnb-int8 or bnb-nf4 (GPTQ folders need none)"),
+    Setting("engine.tensor_parallel_size", "KILN_TENSOR_PARALLEL_SIZE",
+            ("OPTION_TENSOR_PARALLEL_DEGREE", "TENSOR_PARALLEL_DEGREE", "SM_NUM_GPUS"),
+            "split the model over N ranks (tensor parallelism): N processes, one GPU each with CUDA "
+            "(NCCL), CPU processes otherwise (gloo); 'max' = every visible GPU"),
     Setting("server.host", "KILN_HOST", (), "address to bind"),
     Setting("server.port", "KILN_PORT", ("SAGEMAKER_BIND_TO_PORT",), "HTTP port"),
     Setting("server.grpc_port", "KILN_GRPC_PORT", (), "gRPC port; 0 disables it (inside SAGEMAKER_SAFE_PORT_RANGE when that is set)"),
@@ -240,6 +241,11 @@ def _convert(target: str, raw: str, current):
         if value not in QUANTIZE_METHODS:
             raise ValueError(f"expected one of {', '.join(QUANTIZE_METHODS)}")
         return value
+    if name == "tensor_parallel_size":
+        value = raw.strip().lower()
+        if value in ("max", "auto"):  # LMI: every GPU of the instance
+            return max(1, torch.cuda.device_count())
+        return max(1, int(value))  # SageMaker CPU instances export SM_NUM_GPUS=0
     if name in ("kv_cache_bytes", "max_body_bytes", "lora_cache_bytes"):
         return parse_size(raw)
     if isinstance(current, bool) or name == "enable_prefix_caching":
@@ -249,7 +255,7 @@ def _convert(target: str, raw: str, current):
         return value in ("1", "true", "yes", "on")
     int_fields = {"block_size", "max_num_batched_tokens", "max_num_seqs", "max_model_len", "max_input_tokens",
                   "num_threads", "port", "grpc_port", "max_concurrent_requests", "max_loras", "max_lora_rank",
-                  "neuron_batch_size", "neuron_max_length", "neuron_tp_degree"}
+                  "neuron_batch_size", "neuron_max_length"}
     if name in int_fields:
         return int(raw)
     if name in ("kv_cache_memory_fraction", "request_timeout", "shutdown_grace"):

@@ -237,7 +237,7 @@ def test_explicit_settings_win(model_config):
     ({"neuron_max_length": 100_000}, "model's context is only"),
     ({"neuron_context_buckets": "16,128", "neuron_max_length": 96}, "context bucket 128 exceeds"),
     ({"neuron_context_buckets": "16,32", "max_input_tokens": 48}, "largest context bucket is 32"),
-    ({"neuron_tp_degree": 2}, "does not divide"),
+    ({"tensor_parallel_size": 2}, "does not divide"),
     ({"neuron_context_buckets": "16,x"}, "comma-separated"),
 ])
 def test_shapes_that_do_not_fit_are_refused_at_start(model_config, overrides, message):

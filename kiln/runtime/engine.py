@@ -82,6 +82,14 @@ class _Tracked:
 
 class Engine:
     def __init__(self, config: EngineConfig) -> None:
+        try:
+            self._init(config)
+        except BaseException:
+            if getattr(self, "tp", None) is not None:  # started tensor-parallel workers: stop them
+                self.tp.close()
+            raise
+
+    def _init(self, config: EngineConfig) -> None:
         config.validate()
         self.config = config
         if config.num_threads:
@@ -104,14 +112,24 @@ class Engine:
             self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.tokenizer = Tokenizer(self.model_path)
         dtype = config.torch_dtype
-        self.model = LlamaForCausalLM.from_folder(self.model_path, dtype, max_positions=self.max_model_len)
-        if config.quantize:
-            from .quant import quantize_model
+        self.tp = None  # tensor parallelism: rank 0's side (runtime/parallel.py)
+        num_heads, num_kv_heads = mc.num_heads, mc.num_kv_heads
+        if config.tensor_parallel_size > 1 and self.device != "neuron":  # neuron: the plan's degree
+            from .parallel import TensorParallelEngine
 
-            quantize_model(self.model, config.quantize)
+            self.tp = TensorParallelEngine(config, self.model_path, mc, self.max_model_len)
+            self.model = self.tp.load_model(dtype, self.max_model_len)
+            num_heads, num_kv_heads = self.tp.plan.num_heads, self.tp.plan.num_kv_heads
+        else:
+            self.model = LlamaForCausalLM.from_folder(self.model_path, dtype, max_positions=self.max_model_len)
+            if config.quantize:
+                from .quant import quantize_model
+
+                quantize_model(self.model, config.quantize)
         self.model.eval()
 
-        per_block = kv_bytes_per_block(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size, dtype)
+        # With tensor parallelism every rank holds the same blocks for its own KV heads.
+        per_block = kv_bytes_per_block(mc.num_layers, num_kv_heads, mc.head_dim, config.block_size, dtype)
         if self.neuron_plan is not None:
             from .backends.neuron import NeuronBackend
             from .neuron_runner import NeuronModelRunner
@@ -129,21 +147,29 @@ class Engine:
             num_blocks = budget // per_block
             if num_blocks < 1:
                 raise ValueError(f"KV budget of {budget} bytes is smaller than one block ({per_block} bytes)")
-            self.backend = create_backend(choice, mc.num_layers, mc.num_heads, mc.num_kv_heads, mc.head_dim,
+            self.backend = create_backend(choice, mc.num_layers, num_heads, num_kv_heads, mc.head_dim,
                                           num_blocks, config.block_size, dtype,
                                           max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len)
+            if self.tp is not None:
+                if hasattr(self.backend, "use_graphs"):
+                    self.backend.use_graphs = False  # graphs would have to capture the collectives
+                self.tp.start(num_blocks)
             self.backend.prepare_model(self.model)
             enable_prefix_caching = config.enable_prefix_caching
             sched = SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, config.max_loras)
         roots = tuple(Path(r.strip()) for r in (config.lora_roots or "").split(",") if r.strip())
         self.lora = LoraManager(self.model, mc, LoraSettings(
             config.max_loras, config.max_lora_rank, config.lora_cache_bytes, roots), dtype)
+        if self.tp is not None:
+            self.lora.shard_weights = self.tp.plan.shard_adapter
         for name, path in config.startup_loras():
             self.lora.load(name, path, confine=False)  # the operator's own choice at start
         self.pool = BlockPool(num_blocks, config.block_size, enable_prefix_caching)
         self.scheduler = Scheduler(sched, self.pool)
         if self.neuron_plan is not None:
             self.runner = NeuronModelRunner(self.backend)
+        elif self.tp is not None:
+            self.runner = self.tp.runner(self.model, self.backend, config.block_size, self.lora)
         else:
             self.runner = ModelRunner(self.model, self.backend, config.block_size, self.lora.context)
         self._tracked: dict[str, _Tracked] = {}
@@ -241,6 +267,16 @@ class Engine:
 
     def list_adapters(self) -> list[Adapter]:
         return self.lora.list()
+
+    @property
+    def fatal_error(self) -> str | None:
+        """Set when the engine can no longer run (a tensor-parallel worker died)."""
+        return self.tp.fatal_error if self.tp is not None else None
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any."""
+        if self.tp is not None:
+            self.tp.close()
 
     @property
     def has_work(self) -> bool:
@@ -413,7 +449,11 @@ class AsyncEngine:
 
     @property
     def is_alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and self.engine.fatal_error is None
+
+    @property
+    def fatal_error(self) -> str | None:
+        return self.engine.fatal_error
 
     @property
     def num_in_flight(self) -> int:
@@ -486,6 +526,7 @@ class AsyncEngine:
         self._wake.set()
         self._thread.join(timeout=10)
         self._adapter_loader.shutdown(wait=False, cancel_futures=True)
+        self.engine.close()
 
     # -- the engine thread ----------------------------------------------------------
 
@@ -531,6 +572,9 @@ class AsyncEngine:
                 except Exception:  # never let one bad step kill the server
                     log.exception("engine step failed; failing the requests in flight")
                     outputs = engine.fail_all("internal error in the engine step")
+                if engine.fatal_error is not None:  # e.g. a tensor-parallel worker died
+                    self._deliver(outputs + engine.fail_all(engine.fatal_error))
+                    break
                 if outputs:
                     if self._deadlines:
                         for out in outputs:

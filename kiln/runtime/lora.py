@@ -357,6 +357,8 @@ class LoraManager:
         self._lock = threading.Lock()
         self.num_loads = 0
         self.num_evictions = 0
+        # Tensor parallelism: maps an adapter's full weights to this rank's slices (at load).
+        self.shard_weights = None
         self._wrap(model)
 
     def _wrap(self, model: nn.Module) -> None:
@@ -406,6 +408,8 @@ class LoraManager:
 
     def _read(self, path: Path) -> tuple[dict, dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], int]:
         config, weights, rank = read_adapter(path, self.cfg, self.settings.max_lora_rank, self.dtype)
+        if self.shard_weights is not None:
+            weights = self.shard_weights(weights)
         if self.device.type != "cpu":
             weights = {key: (a.to(self.device), b.to(self.device)) for key, (a, b) in weights.items()}
         return config, weights, rank

@@ -1,7 +1,9 @@
 """Turns a scheduled batch into flat tensors, runs the model, returns logits.
 
 The scheduler said *what* runs; this module decides *how*: the flat layout (decodes first,
-then prefills), slot mappings, and which rows need logits.
+then prefills), slot mappings, and which rows need logits. The layout is built from plain
+per-sequence entries (`build_inputs`), so a tensor-parallel worker that mirrors the block
+tables builds exactly the same tensors as rank 0 (see runtime/parallel.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,85 @@ class StepResult:
     forward_seconds: float
 
 
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor
+
+
+# A decode: (block ids, number of computed tokens, the token to compute).
+# A prefill: (block ids, computed tokens, the tokens to compute, whether it reaches the end).
+Decode = tuple[list[int], int, int]
+Prefill = tuple[list[int], int, list[int], bool]
+
+
+def build_inputs(block_size: int, decodes: list[Decode], prefills: list[Prefill]) -> StepInputs:
+    bs = block_size
+    ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    for block_ids, pos, token in decodes:
+        ids.append(token)
+        positions.append(pos)
+        slots.append(block_ids[pos // bs] * bs + pos % bs)
+    max_blocks = max((len(d[0]) for d in decodes), default=0)
+    decode_tables = torch.tensor(
+        [d[0] + [0] * (max_blocks - len(d[0])) for d in decodes], dtype=torch.long,
+    ).view(len(decodes), max_blocks)
+    decode_lens = torch.tensor([d[1] + 1 for d in decodes], dtype=torch.long)
+
+    slices: list[PrefillSlice] = []
+    ids_t = [torch.tensor(ids, dtype=torch.long)]
+    pos_t = [torch.tensor(positions, dtype=torch.long)]
+    slot_t = [torch.tensor(slots, dtype=torch.long)]
+    start = len(decodes)
+    # Logits only for rows that produce a token: every decode, and prefills that reach
+    # the end of their sequence (an intermediate chunk samples nothing).
+    rows = list(range(len(decodes)))
+    for block_ids_list, c, tokens, final in prefills:
+        n = len(tokens)
+        block_ids = torch.tensor(block_ids_list, dtype=torch.long)
+        pos = torch.arange(c, c + n)
+        ids_t.append(torch.tensor(tokens, dtype=torch.long))
+        pos_t.append(pos)
+        slot_t.append(block_ids[pos // bs] * bs + pos % bs)
+        slices.append(PrefillSlice(start, n, c + n, block_ids))
+        if final:
+            rows.append(start + n - 1)
+        start += n
+
+    meta = AttentionMetadata(
+        slot_mapping=torch.cat(slot_t),
+        num_decode=len(decodes),
+        decode_context_lens=decode_lens,
+        decode_block_tables=decode_tables,
+        prefills=slices,
+    )
+    return StepInputs(torch.cat(ids_t), torch.cat(pos_t), meta, torch.tensor(rows, dtype=torch.long))
+
+
+def run_model(model: LlamaForCausalLM, backend, inputs: StepInputs, lora_context: LoraContext | None,
+              segments: list, use_graphs: bool = True) -> torch.Tensor:
+    """One forward over the flat batch; the LoRA segments are set for its duration."""
+    if lora_context is not None:
+        lora_context.segments = segments
+    try:
+        state = backend.prepare(inputs.meta)
+        args = (inputs.input_ids, inputs.positions)
+        device_forward = getattr(backend, "forward", None)  # a device backend moves tensors, replays graphs
+        if device_forward is not None:
+            # A captured CUDA graph holds no LoRA term: batches with adapters run eagerly
+            # (their LoRA term goes through the segmented Triton kernels).
+            return device_forward(model, *args, state, inputs.logits_indices,
+                                  use_graphs=use_graphs and not segments)
+        return model(*args, backend, state, inputs.logits_indices)
+    finally:
+        if lora_context is not None:
+            lora_context.segments = []
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, backend, block_size: int,
                  lora_context: LoraContext | None = None) -> None:
@@ -33,10 +114,10 @@ class ModelRunner:
         self.lora_context = lora_context
 
     def release(self, seq: Sequence) -> None:
-        """A sequence left the engine. Nothing to do: its blocks are the scheduler's."""
+        """A sequence left the engine. Nothing to do here: its blocks are the scheduler's
+        (the tensor-parallel runner drops the workers' copy of its block table)."""
 
     def execute(self, batch: ScheduledBatch) -> StepResult:
-        bs = self.block_size
         decodes: list[Sequence] = []
         prefills: list[tuple[Sequence, int]] = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
@@ -46,85 +127,38 @@ class ModelRunner:
                 prefills.append((seq, n))
         # Longest context first: the backend pads decodes in groups of similar length.
         decodes.sort(key=lambda s: s.num_computed_tokens, reverse=True)
-
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        for seq in decodes:
-            pos = seq.num_computed_tokens
-            ids.append(seq.token_ids[pos])
-            positions.append(pos)
-            slots.append(seq.block_table.block_ids[pos // bs] * bs + pos % bs)
-        max_blocks = max((len(s.block_table.block_ids) for s in decodes), default=0)
-        decode_tables = torch.tensor(
-            [s.block_table.block_ids + [0] * (max_blocks - len(s.block_table.block_ids)) for s in decodes],
-            dtype=torch.long,
-        ).view(len(decodes), max_blocks)
-        decode_lens = torch.tensor([s.num_computed_tokens + 1 for s in decodes], dtype=torch.long)
-
-        slices: list[PrefillSlice] = []
-        ids_t = [torch.tensor(ids, dtype=torch.long)]
-        pos_t = [torch.tensor(positions, dtype=torch.long)]
-        slot_t = [torch.tensor(slots, dtype=torch.long)]
-        start = len(decodes)
-        for seq, n in prefills:
-            c = seq.num_computed_tokens
-            block_ids = torch.tensor(seq.block_table.block_ids, dtype=torch.long)
-            pos = torch.arange(c, c + n)
-            ids_t.append(torch.tensor(seq.token_ids[c:c + n], dtype=torch.long))
-            pos_t.append(pos)
-            slot_t.append(block_ids[pos // bs] * bs + pos % bs)
-            slices.append(PrefillSlice(start, n, c + n, block_ids))
-            start += n
-
-        meta = AttentionMetadata(
-            slot_mapping=torch.cat(slot_t),
-            num_decode=len(decodes),
-            decode_context_lens=decode_lens,
-            decode_block_tables=decode_tables,
-            prefills=slices,
-        )
-        # Logits only for rows that produce a token: every decode, and prefills that reach
-        # the end of their sequence (an intermediate chunk samples nothing).
-        sampled = list(decodes)
-        rows = list(range(len(decodes)))
-        for (seq, n), sl in zip(prefills, slices):
-            if seq.num_computed_tokens + n == seq.num_tokens:
-                sampled.append(seq)
-                rows.append(sl.query_start + n - 1)
-
+        d_in = [(s.block_table.block_ids, s.num_computed_tokens, s.token_ids[s.num_computed_tokens])
+                for s in decodes]
+        p_in = [(s.block_table.block_ids, s.num_computed_tokens,
+                 s.token_ids[s.num_computed_tokens:s.num_computed_tokens + n],
+                 s.num_computed_tokens + n == s.num_tokens) for s, n in prefills]
+        inputs = build_inputs(self.block_size, d_in, p_in)
+        sampled = list(decodes) + [s for (s, _), p in zip(prefills, p_in) if p[3]]
+        segments = []
         if self.lora_context is not None:
-            self.lora_context.segments = _lora_segments(decodes, prefills, slices)
+            segments = lora_segments([s.adapter for s in decodes], [s.adapter for s, _ in prefills],
+                                     inputs.meta.prefills)
         t0 = time.perf_counter()
-        try:
-            state = self.backend.prepare(meta)
-            args = (torch.cat(ids_t), torch.cat(pos_t))
-            logits_indices = torch.tensor(rows, dtype=torch.long)
-            device_forward = getattr(self.backend, "forward", None)  # a device backend moves tensors, replays graphs
-            if device_forward is not None:
-                # A captured CUDA graph holds no LoRA term: batches with adapters run eagerly
-                # (their LoRA term goes through the segmented Triton kernels).
-                lora = self.lora_context is not None and bool(self.lora_context.segments)
-                logits = device_forward(self.model, *args, state, logits_indices, use_graphs=not lora)
-            else:
-                logits = self.model(*args, self.backend, state, logits_indices)
-        finally:
-            if self.lora_context is not None:
-                self.lora_context.segments = []
+        self.before_forward(decodes, prefills, d_in, p_in)
+        logits = run_model(self.model, self.backend, inputs, self.lora_context, segments)
         return StepResult(logits, sampled, time.perf_counter() - t0)
 
+    def before_forward(self, decodes: list[Sequence], prefills: list[tuple[Sequence, int]],
+                       d_in: list[Decode], p_in: list[Prefill]) -> None:
+        """Called with the step's layout just before the forward (tensor parallelism sends it
+        to the other ranks here)."""
 
-def _lora_segments(decodes: list[Sequence], prefills: list[tuple[Sequence, int]],
-                   slices: list[PrefillSlice]) -> list:
+
+def lora_segments(decode_adapters: list, prefill_adapters: list, slices: list[PrefillSlice]) -> list:
     """The flat-batch rows of each adapter in the batch: a slice when they are contiguous
     (one adapter, or a prefill), else an index tensor."""
     rows: dict[int, tuple[object, list[int]]] = {}
-    for i, seq in enumerate(decodes):
-        if seq.adapter is not None:
-            rows.setdefault(id(seq.adapter), (seq.adapter, []))[1].append(i)
-    for (seq, n), sl in zip(prefills, slices):
-        if seq.adapter is not None:
-            rows.setdefault(id(seq.adapter), (seq.adapter, []))[1].extend(range(sl.query_start, sl.query_start + n))
+    for i, adapter in enumerate(decode_adapters):
+        if adapter is not None:
+            rows.setdefault(id(adapter), (adapter, []))[1].append(i)
+    for adapter, sl in zip(prefill_adapters, slices):
+        if adapter is not None:
+            rows.setdefault(id(adapter), (adapter, []))[1].extend(range(sl.query_start, sl.query_start + sl.query_len))
     segments = []
     for adapter, idx in rows.values():
         if idx[-1] - idx[0] + 1 == len(idx):  # rows are appended in increasing order

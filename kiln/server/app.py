@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import os
 import signal
 import sys
 import threading
@@ -167,6 +168,8 @@ def create_app(state: ServerState | None = None, config: ServerConfig | None = N
             return _error(503, "the model is still loading", "service_unavailable")
         if state.draining:
             return _error(503, "the server is shutting down", "service_unavailable")
+        if state.engine.fatal_error:
+            return _error(503, f"the engine failed: {state.engine.fatal_error}", "service_unavailable")
         if not state.engine.is_alive:
             return _error(503, "the engine has stopped", "service_unavailable")
         return JSONResponse({"status": "ok", "model": state.engine.model_name})
@@ -348,10 +351,43 @@ def run_server(config: ServerConfig) -> int:
         state, config.shutdown_grace,
     )
     load_engine_in_background(state, config, lambda: setattr(server, "should_exit", True))
+    fatal: list[str] = []
+    threading.Thread(target=_exit_on_engine_failure, args=(state, server, fatal), name="kiln-engine-watch",
+                     daemon=True).start()
     server.run()
     if state.engine is not None:
         state.engine.shutdown()
     if state.load_error:
         print(f"kiln: the model failed to load: {state.load_error}", file=sys.stderr)
         return 1
+    if fatal:
+        print(f"kiln: the engine failed: {fatal[0]}", file=sys.stderr)
+        return 1
     return 0
+
+
+# Seconds a failed engine's server gets to close its connections before the process exits.
+FATAL_EXIT_GRACE_S = 20.0
+
+
+def _exit_on_engine_failure(state: ServerState, server: uvicorn.Server, fatal: list[str]) -> None:
+    """An engine that can no longer run (a tensor-parallel worker died) stops the server:
+    /health is 503 at once, the process exits non-zero, within FATAL_EXIT_GRACE_S even if
+    something hangs on the way out."""
+    while not server.should_exit:
+        engine = state.engine
+        error = engine.fatal_error if engine is not None else None
+        if error:
+            fatal.append(error)
+            log.error("the engine failed (%s); exiting", error)
+            server.should_exit = True
+
+            def force() -> None:
+                print(f"kiln: the engine failed: {error} (forced exit)", file=sys.stderr, flush=True)
+                os._exit(1)
+
+            timer = threading.Timer(FATAL_EXIT_GRACE_S, force)
+            timer.daemon = True
+            timer.start()
+            return
+        time.sleep(0.2)

@@ -34,7 +34,7 @@ from ...kernels.rmsnorm import rmsnorm
 from ...kernels.rotary import rotary_inplace
 from ...kernels.swiglu import swiglu
 from ..models.layers import RMSNorm, RotaryEmbedding
-from ..models.llama import MLP
+from ..models.llama import MLP, reduce_row_parallel
 from .base import AttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class TritonRotaryEmbedding(RotaryEmbedding):
 
 class TritonMLP(MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_up_proj(x)))
+        return reduce_row_parallel(self.tp, self.down_proj(swiglu(self.gate_up_proj(x))))
 
 
 def _flash_attn_varlen():

@@ -88,7 +88,7 @@ class NeuronPlan:
         if config.max_input_tokens is not None and config.max_input_tokens > buckets[-1]:
             raise ValueError(f"--max-input-tokens (MAX_INPUT_TOKENS) is {config.max_input_tokens}, but the "
                              f"largest context bucket is {buckets[-1]}: add a larger bucket")
-        tp = config.neuron_tp_degree
+        tp = config.tensor_parallel_size  # NeuronCores per model on the neuron device
         if mc.num_heads % tp or mc.num_kv_heads % tp:
             raise ValueError(f"tensor-parallel degree {tp} does not divide the model's {mc.num_heads} query "
                              f"heads and {mc.num_kv_heads} KV heads")

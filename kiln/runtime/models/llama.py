@@ -35,6 +35,7 @@ class Attention(nn.Module):
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size)
         self.o_proj = Linear(self.q_size, cfg.hidden_size)
+        self.tp = None  # tensor parallelism: o_proj is row-parallel, its output is all-reduced
 
     def forward(
         self,
@@ -52,7 +53,7 @@ class Attention(nn.Module):
             k.view(T, self.num_kv_heads, self.head_dim),
         )
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        return self.o_proj(backend.attention(self.layer, q, k, v, meta))
+        return reduce_row_parallel(self.tp, self.o_proj(backend.attention(self.layer, q, k, v, meta)))
 
 
 class MLP(nn.Module):
@@ -60,9 +61,15 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.tp = None  # tensor parallelism: down_proj is row-parallel, its output is all-reduced
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return reduce_row_parallel(self.tp, self.down_proj(silu_and_mul(self.gate_up_proj(x))))
+
+
+def reduce_row_parallel(tp, y: torch.Tensor) -> torch.Tensor:
+    """Sum the partial outputs of a row-parallel linear (and its LoRA term) over the ranks."""
+    return y if tp is None else tp.all_reduce(y)
 
 
 class DecoderLayer(nn.Module):
@@ -75,9 +82,13 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int | None = None) -> None:
+    """With `tp` (kiln.runtime.parallel.TensorParallel) the model is one rank's shard: `cfg` is
+    the local config (its heads, its columns of the MLP, its rows of the vocabulary)."""
+
+    def __init__(self, cfg: ModelConfig, max_positions: int | None = None, tp=None) -> None:
         super().__init__()
         self.config = cfg
+        self.tp = tp
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
@@ -86,6 +97,8 @@ class LlamaForCausalLM(nn.Module):
             cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope_theta
         )
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        for layer in self.layers:
+            layer.self_attn.tp = layer.mlp.tp = tp
 
     @torch.inference_mode()
     def forward(
@@ -98,29 +111,40 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Run the flat batch; return float32 logits [len(logits_indices), vocab] of the
         tokens that are sampled (the last scheduled token of each sequence)."""
-        h = self.embed_tokens(input_ids)
+        if self.tp is None:
+            h = self.embed_tokens(input_ids)
+        else:  # vocab-parallel: each rank embeds the ids in its rows, the sum is the embedding
+            h = self.tp.embed(self.embed_tokens.weight, input_ids)
         residual = h
         for layer in self.layers:
             x = layer.input_layernorm(residual)
             residual = residual + layer.self_attn(x, positions, self.rope, backend, meta)
             x = layer.post_attention_layernorm(residual)
             residual = residual + layer.mlp(x)
-        return self.lm_head(self.norm(residual[logits_indices])).float()
+        logits = self.lm_head(self.norm(residual[logits_indices]))
+        if self.tp is not None:  # vocab-parallel LM head: gather every rank's columns
+            logits = self.tp.gather_vocab(logits)
+        return logits.float()
 
     @classmethod
     def from_folder(
-        cls, folder: Path, dtype: torch.dtype = torch.float32, max_positions: int | None = None
+        cls, folder: Path, dtype: torch.dtype = torch.float32, max_positions: int | None = None, tp=None,
     ) -> "LlamaForCausalLM":
+        """With `tp`, build this rank's shard and read only its slices of the checkpoint."""
         cfg = ModelConfig.from_folder(folder)
+        if tp is not None:
+            cfg = tp.plan.local_config(cfg)
         with torch.device("meta"):
-            model = cls(cfg, max_positions)
+            model = cls(cfg, max_positions, tp)
         model.to_empty(device="cpu")
         # Buffers were on meta: rebuild RoPE tables for real.
         model.rope = RotaryEmbedding(cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope_theta)
         from ..quant.checkpoint import gptq_loader
 
         gptq = gptq_loader(folder)  # None unless config.json declares GPTQ weights
-        tensors = iter_safetensors(folder)
+        if gptq is not None and tp is not None:
+            gptq.shard = tp.plan
+        tensors = iter_safetensors(folder) if tp is None else tp.plan.iter_safetensors(folder)
         if gptq is not None:
             gptq.prepare(model)
             tensors = gptq.filter(tensors)

@@ -14,10 +14,14 @@ from torch import nn
 from ...config import QUANTIZE_METHODS as LOAD_TIME_METHODS
 
 
-def quantize_model(model: nn.Module, method: str, include_lm_head: bool = True) -> int:
+def quantize_model(model: nn.Module, method: str, include_lm_head: bool = True, row_amax=None) -> int:
     """Swap every dense linear layer of the decoder (and the LM head) for its quantized
     form; return how many were swapped. The embedding table stays as it is (a tied LM head
-    gets its own quantized copy: reading it is most of a decode step's bytes at 135M)."""
+    gets its own quantized copy: reading it is most of a decode step's bytes at 135M).
+
+    `row_amax` (tensor parallelism, int8): reduces the per-output-channel absolute maxima of
+    a row-parallel layer's shard (o_proj, down_proj) to those of the whole row (an all-reduce
+    max), so every rank's scales are those of the unsharded weight."""
     from ..models.layers import Linear
 
     if method not in LOAD_TIME_METHODS:
@@ -37,6 +41,11 @@ def quantize_model(model: nn.Module, method: str, include_lm_head: bool = True) 
                 continue
             weight = child.weight if child.weight is not None else child.packed.to_dense()
             with torch.no_grad():
-                setattr(parent, name, make(weight))
+                if row_amax is not None and name in ("o_proj", "down_proj"):
+                    from .int8 import Int8Linear
+
+                    setattr(parent, name, Int8Linear.from_float(weight, amax=row_amax(weight.detach().float().abs().amax(dim=1))))
+                else:
+                    setattr(parent, name, make(weight))
             swapped += 1
     return swapped

@@ -76,6 +76,9 @@ class GptqLoader:
     config: GptqConfig
     modules: set[str]  # checkpoint module names (without "model.") that are quantized
     tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    # Tensor parallelism (a runtime.parallel.ShardPlan): the tensors are this rank's slices, and
+    # o/down keep every group's scales and zeros (their g_idx slice names groups of the whole row).
+    shard: object = None
 
     @classmethod
     def for_folder(cls, folder: Path, config: GptqConfig) -> "GptqLoader":
@@ -133,7 +136,9 @@ class GptqLoader:
                 if full not in self.modules:
                     continue
                 in_features = cfg.num_heads * cfg.head_dim if "o_proj" in name else cfg.intermediate_size
-                qw = self._read(full, in_features, cfg.hidden_size)
+                groups = None if self.shard is None else num_groups(in_features * self.shard.world,
+                                                                    self.config.group_size)
+                qw = self._read(full, in_features, cfg.hidden_size, groups)
                 seen.add(full)
                 _set_module(layer, name, GptqLinear(qw))
         unknown = self.modules - seen
@@ -141,15 +146,16 @@ class GptqLoader:
             raise QuantizedCheckpointError(f"quantized module {sorted(unknown)[0]!r} is not a linear layer kiln knows")
         self.tensors.clear()
 
-    def _read(self, module: str, in_features: int, out_features: int) -> QuantizedWeight:
-        """Validate and unpack one module's tensors."""
+    def _read(self, module: str, in_features: int, out_features: int, groups: int | None = None) -> QuantizedWeight:
+        """Validate and unpack one module's tensors (`groups`: of the whole row, when these
+        are a tensor-parallel slice of its input columns)."""
         bits, gs = self.config.bits, self.config.group_size
         t = self.tensors.get(module, {})
         for suffix in ("qweight", "qzeros", "scales", "g_idx"):
             if suffix not in t:
                 raise QuantizedCheckpointError(f"model.{module}.{suffix} is missing from the checkpoint")
         pf = pack_factor(bits)
-        groups = num_groups(in_features, gs)
+        groups = groups or num_groups(in_features, gs)
         expected = {
             "qweight": (in_features // pf, out_features),
             "qzeros": (groups, out_features // pf),

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .packing import unpack_rows
-from .qweight import QuantizedWeight, check_bits, num_groups
+from .qweight import QuantizedWeight, check_bits, default_act_dtype, num_groups
 
 
 @dataclass
@@ -197,8 +197,9 @@ class GptqLinear(nn.Module):
     CUDA: the Triton kernel in kiln.kernels.gptq_matmul.
     """
 
-    def __init__(self, qw: QuantizedWeight, act_dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(self, qw: QuantizedWeight, act_dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        act_dtype = act_dtype or default_act_dtype()
         self.in_features, self.out_features = qw.in_features, qw.out_features
         self.bits, self.group_size = qw.bits, qw.group_size
         self.act_dtype = act_dtype

@@ -16,27 +16,34 @@ from torch import nn
 GEMV_MAX_ROWS = 32
 
 
-def quantize_per_channel(weight: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_per_channel(weight: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16,
+                         amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """weight [out, in] -> (int8 [out, in], scales [out]) with w ~= q * scale, |q| <= 127.
-    The scale is rounded to `scale_dtype` first so that q * scale is exactly what runs."""
+    The scale is rounded to `scale_dtype` first so that q * scale is exactly what runs.
+    `amax` [out]: the rows' absolute maxima when `weight` is only some columns of them."""
     w = weight.detach().float()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(scale_dtype)
+    if amax is None:
+        amax = w.abs().amax(dim=1)
+    scale = (amax / 127.0).clamp(min=1e-12).to(scale_dtype)
     q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scale
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, act_dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, act_dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        if act_dtype is None:
+            from .qweight import default_act_dtype
+
+            act_dtype = default_act_dtype()
         self.out_features, self.in_features = qweight.shape
         self.act_dtype = act_dtype
         self.register_buffer("qweight", qweight.contiguous())
         self.register_buffer("scales", scales.to(act_dtype))
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor) -> "Int8Linear":
-        q, s = quantize_per_channel(weight)
+    def from_float(cls, weight: torch.Tensor, amax: torch.Tensor | None = None) -> "Int8Linear":
+        q, s = quantize_per_channel(weight, amax=amax)
         return cls(q, s)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

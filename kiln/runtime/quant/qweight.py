@@ -3,6 +3,7 @@ checkpoint reader/writer and the linear layers that execute it."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -70,3 +71,13 @@ def num_groups(in_features: int, group_size: int) -> int:
 def check_bits(bits: int) -> None:
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits={bits} is not supported: kiln runs 4- and 8-bit GPTQ weights")
+
+
+def default_act_dtype() -> torch.dtype:
+    """The activation dtype of quantized layers on the CPU: bfloat16 (the fast kernels), or
+    float32 with KILN_QUANT_ACT_DTYPE=float32 (slower; for exact comparisons, e.g. of a
+    tensor-parallel engine against a single-process one)."""
+    name = os.environ.get("KILN_QUANT_ACT_DTYPE", "bfloat16")
+    if name not in ("bfloat16", "float32"):
+        raise ValueError(f"KILN_QUANT_ACT_DTYPE={name!r}: use bfloat16 or float32")
+    return getattr(torch, name)
