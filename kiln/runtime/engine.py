@@ -159,9 +159,8 @@ class Engine:
             sched = SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, config.max_loras)
         roots = tuple(Path(r.strip()) for r in (config.lora_roots or "").split(",") if r.strip())
         self.lora = LoraManager(self.model, mc, LoraSettings(
-            config.max_loras, config.max_lora_rank, config.lora_cache_bytes, roots), dtype)
-        if self.tp is not None:
-            self.lora.shard_weights = self.tp.plan.shard_adapter
+            config.max_loras, config.max_lora_rank, config.lora_cache_bytes, roots), dtype,
+            shard=self.tp.plan if self.tp is not None else None)
         for name, path in config.startup_loras():
             self.lora.load(name, path, confine=False)  # the operator's own choice at start
         self.pool = BlockPool(num_blocks, config.block_size, enable_prefix_caching)

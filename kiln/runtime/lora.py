@@ -347,18 +347,21 @@ class LoraManager:
     """The adapter registry. Thread-safe: the server loads and unloads, the engine thread
     acquires and releases adapters for requests."""
 
-    def __init__(self, model: nn.Module, cfg: ModelConfig, settings: LoraSettings, dtype: torch.dtype) -> None:
-        self.cfg = cfg
+    def __init__(self, model: nn.Module, cfg: ModelConfig, settings: LoraSettings, dtype: torch.dtype,
+                 shard=None) -> None:
+        self.cfg = cfg  # the full model's: adapter files are checked against it
         self.settings = settings
         self.dtype = dtype
         self.device = next(model.parameters()).device  # adapter weights live beside the model's
-        self.context = LoraContext(cfg, dtype, self.device, settings.max_loras)
+        # Tensor parallelism (`shard`: this rank's ShardPlan): adapters' full weights are sliced
+        # to this rank's at load, and the slot buffers take this rank's linear shapes.
+        self.shard_weights = shard.shard_adapter if shard is not None else None
+        local = shard.local_config(cfg) if shard is not None else cfg
+        self.context = LoraContext(local, dtype, self.device, settings.max_loras)
         self._adapters: dict[str, Adapter] = {}
         self._lock = threading.Lock()
         self.num_loads = 0
         self.num_evictions = 0
-        # Tensor parallelism: maps an adapter's full weights to this rank's slices (at load).
-        self.shard_weights = None
         self._wrap(model)
 
     def _wrap(self, model: nn.Module) -> None:
