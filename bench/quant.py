@@ -103,22 +103,13 @@ def decode_rate(engine: Engine, prompts: list[list[int]], new_tokens: int, tag: 
     return len(prompts) * len(times) / sum(times)
 
 
-def llamacpp_decode(python: Path, gguf: Path, prompt: str, new_tokens: int, threads: int) -> float:
-    script = f"""
-import time, llama_cpp
-llm = llama_cpp.Llama(model_path={str(gguf)!r}, n_ctx=1024, n_threads={threads}, n_batch=512, verbose=False)
-toks = llm.tokenize({prompt!r}.encode())
-llm.eval(toks)
-times = []
-for _ in range({new_tokens}):
-    t = time.perf_counter()
-    tok = llm.sample(temp=0.0)
-    llm.eval([tok])
-    times.append(time.perf_counter() - t)
-print(len(times) / sum(times))
-"""
-    out = subprocess.run([str(python), "-c", script], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+def llamacpp_run(python: Path, job: dict) -> dict:
+    """One run of bench/llamacpp_probe.py in the llama-cpp-python venv (see its docstring)."""
+    out = subprocess.run([str(python), str(ROOT / "bench" / "llamacpp_probe.py")], input=json.dumps(job),
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"llama.cpp probe failed: {out.stderr.strip()[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def bench_kernels(repeats: int = 200) -> dict:
@@ -169,7 +160,9 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--llamacpp-python", type=Path, default=ROOT / ".peers" / "llamacpp" / "bin" / "python")
+    ap.add_argument("--llamacpp-python", type=Path, default=ROOT / ".peers" / "llama-cpp" / "bin" / "python",
+                    help="python of a venv with llama-cpp-python (pip install 'llama-cpp-python==0.3.36') "
+                         "[default: .peers/llama-cpp/bin/python]; skipped when missing")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--gptq-folder", type=Path, default=None, help="use this GPTQ folder (e.g. made with --desc-act --asym)")
     ap.add_argument("--rtn-folder", type=Path, default=None, help="use this round-to-nearest folder")
@@ -215,29 +208,41 @@ def main() -> int:
         r = results["variants"][v] = {"weights_mib": weight_bytes(e.model) / 2**20}
         r["perplexity"] = perplexity(e, ppl_ids, args.ppl_window)
         print(f"{v}: weights {r['weights_mib']:.1f} MiB, perplexity {r['perplexity']:.3f}", flush=True)
+    llamacpp = args.llamacpp_python.is_file()
+    job: dict = {}
+    if llamacpp:  # the same token ids, windows, prompts and lengths as kiln's
+        from kiln.runtime.models.loader import default_gguf_path
+
+        job = {"gguf": str(default_gguf_path()), "threads": torch.get_num_threads(), "window": args.ppl_window,
+               "ppl_ids": ppl_ids, "single": single[0], "batch": batch, "new_tokens": args.new_tokens}
+        first = llamacpp_run(args.llamacpp_python, {**job, "perplexity": True})
+        results["llama.cpp Q4_1"] = {"weights_mib": first["model_bytes"] / 2**20, "perplexity": first["perplexity"],
+                                     "llama_cpp_python": first["version"]}
+        print(f"llama.cpp Q4_1: weights {first['model_bytes'] / 2**20:.1f} MiB, "
+              f"perplexity {first['perplexity']:.3f}", flush=True)
+    else:
+        results["llama.cpp Q4_1"] = f"skipped: no llama-cpp-python at {args.llamacpp_python}"
     singles = {v: [] for v in engines}
     batched = {v: [] for v in engines}
+    if llamacpp:
+        singles["llama.cpp Q4_1"], batched["llama.cpp Q4_1"] = [], []
     for rep in range(0 if args.no_speed else args.repeats):  # alternate variants: the host is shared and noisy
         for v, e in engines.items():
             e.generate([single[0][:8]], SamplingParams(temperature=0.0, max_tokens=2))  # warm-up
             singles[v].append(decode_rate(e, single, args.new_tokens, f"s{rep}"))
             batched[v].append(decode_rate(e, batch, args.new_tokens, f"b{rep}"))
             print(f"  run {rep} {v}: single {singles[v][-1]:.1f} tok/s, x{args.concurrency} {batched[v][-1]:.1f} tok/s", flush=True)
-    for v in engines if not args.no_speed else []:
-        r = results["variants"][v]
+        if llamacpp:
+            v = "llama.cpp Q4_1"
+            r = llamacpp_run(args.llamacpp_python, {**job, "speed": True})
+            singles[v].append(r["single_stream_tok_s"])
+            batched[v].append(r["concurrent_tok_s"])
+            print(f"  run {rep} {v}: single {singles[v][-1]:.1f} tok/s, x{args.concurrency} {batched[v][-1]:.1f} tok/s", flush=True)
+    for v in singles if not args.no_speed else []:
+        r = results["variants"][v] if v in engines else results[v]
         r["single_stream_tok_s"] = statistics.median(singles[v])
         r[f"concurrent_{args.concurrency}_tok_s"] = statistics.median(batched[v])
         r["runs_single"], r["runs_concurrent"] = singles[v], batched[v]
-    if args.no_speed:
-        pass
-    elif args.llamacpp_python.is_file():
-        from kiln.runtime.models.loader import default_gguf_path
-
-        rates = [llamacpp_decode(args.llamacpp_python, default_gguf_path(), prompt, args.new_tokens,
-                                 torch.get_num_threads()) for _ in range(args.repeats)]
-        results["llama.cpp Q4_1"] = {"single_stream_tok_s": statistics.median(rates), "runs": rates}
-    else:
-        results["llama.cpp Q4_1"] = f"skipped: no llama-cpp-python at {args.llamacpp_python}"
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
