@@ -153,7 +153,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default="float32,bfloat16,int8,gptq4,rtn4")
     ap.add_argument("--folders", type=Path, default=ROOT / "bench" / "results" / "quant")
-    ap.add_argument("--calibration-samples", type=int, default=32)
+    ap.add_argument("--calibration-samples", type=int, default=128)
     ap.add_argument("--calibration-seq-len", type=int, default=256)
     ap.add_argument("--ppl-tokens", type=int, default=8192)
     ap.add_argument("--ppl-window", type=int, default=512)

@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dampening added to the Hessian diagonal, as a share of its mean [default 0.01]")
     quant.add_argument("--calibration", default=None,
                        help="a UTF-8 text file to calibrate on [default: the text that ships with kiln]")
-    quant.add_argument("--num-samples", type=int, default=64, help="calibration windows [default 64]")
+    quant.add_argument("--num-samples", type=int, default=128, help="calibration windows [default 128]")
     quant.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window [default 256]")
     quant.add_argument("--seed", type=int, default=0, help="seed of the window offsets [default 0]")
     quant.set_defaults(func=cmd_quantize)

@@ -260,6 +260,23 @@ def test_int8_model_matches_dequantized_reference(model_path, prompt_ids):
     assert_greedy_agrees(tokens, prompt_ids, _hf_with_weights(model_path, weights))
 
 
+def test_default_calibration_text_is_shipped_and_long_enough_for_the_defaults(model_path):
+    """The package ships both calibration files, and their tokens cover `kiln quantize`'s
+    default sample (128 windows of 256 tokens), so the windows are not copies of each other."""
+    from kiln.runtime.quant.calibrate import QuantizeJob
+    from kiln.runtime.tokenizer import Tokenizer
+
+    text = default_calibration_text()
+    assert "def binary_search" in text  # the hand-written part
+    assert "printing press" in text  # the model-generated part
+    ids = Tokenizer(model_path).encode(text)
+    job = QuantizeJob()
+    assert len(ids) >= job.num_samples * job.seq_len  # 32k tokens: windows overlap little
+    windows = calibration_samples(ids, job.num_samples, job.seq_len)
+    assert windows.shape == (job.num_samples, job.seq_len)
+    assert len({tuple(w.tolist()) for w in windows}) == job.num_samples
+
+
 @pytest.fixture(scope="module")
 def gptq_folder(model_path, tmp_path_factory):
     """The default model, GPTQ 4-bit g128 act-order, on a small calibration sample; saved.

@@ -34,8 +34,13 @@ METHODS = ("gptq", "rtn")
 
 
 def default_calibration_text() -> str:
-    """The calibration text that ships with kiln (written for the project; Apache-2.0)."""
-    return resources.files("kiln.runtime.quant").joinpath("data/calibration.txt").read_text(encoding="utf-8")
+    """The calibration text that ships with kiln: a hand-written text (prose, Q&A, code;
+    written for the project) and ~38k tokens the default model wrote over 64 topics
+    (bench/make_calibration.py). The second matters: on the hand-written text alone (2.5k
+    tokens) GPTQ over-fits, and held-out perplexity is clearly worse (bench/RESULTS.md)."""
+    data = resources.files("kiln.runtime.quant").joinpath("data")
+    return "\n\n".join(data.joinpath(name).read_text(encoding="utf-8")
+                       for name in ("calibration.txt", "calibration-generated.txt"))
 
 
 def calibration_samples(token_ids: list[int], num_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
@@ -190,7 +195,7 @@ class QuantizeJob:
     method: str = "gptq"
     config: GptqConfig = None  # type: ignore[assignment]
     calibration: Path | None = None
-    num_samples: int = 64
+    num_samples: int = 128
     seq_len: int = 256
     seed: int = 0
 
