@@ -347,6 +347,7 @@ def make_peers(args: argparse.Namespace, hf_dir: Path, gguf: Path, port: int) ->
                   "LD_PRELOAD": " ".join(Path(p).name for p in preload) or "none (no tcmalloc found: "
                                 "apt-get install libtcmalloc-minimal4)"},
         env={"VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}", "VLLM_CPU_KVCACHE_SPACE": str(kv_gib),
+             "OMP_NUM_THREADS": str(threads),
              "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "LD_PRELOAD": ":".join(preload),
              "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"},
         argv=[vllm_py, "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf_dir),
@@ -630,7 +631,7 @@ def markdown_table(agg: dict[str, dict], roofs: dict[str, dict[str, float]], wor
             if not a["tokens_equal"]:
                 flags += " (unequal lengths)"
             lines.append(
-                f"| {wname} | {server}{flags} | {a['tokens_per_s']:.1f} | {roof:.0f} | "
+                f"| {wname} | {server}{flags} | {a['tokens_per_s']:.1f} | {'—' if roof != roof else f'{roof:.0f}'} | "
                 f"{'—' if share != share else f'{share:.1f}'} | {_ms(a['ttft_p50'])} / {_ms(a['ttft_p99'])} | "
                 f"{_ms(a['itl_p50'])} / {_ms(a['itl_p99'])} | {a['peak_rss_bytes'] / 2**20:.0f} | "
                 f"{entry['first_request_s']:.1f} |")
@@ -774,6 +775,10 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict] = []
     startups: list[dict] = []
     args.out.mkdir(parents=True, exist_ok=True)
+    load_start = os.getloadavg()[0]
+    if load_start > 0.5:
+        print(f"warning: load average {load_start:.2f} before the runs: something else is using the CPU, "
+              "so these figures are not comparable with a quiet machine's", flush=True)
     for rnd, name in schedule(ready, repeats):
         peer = peers[name]
         print(f"[round {rnd + 1}/{repeats}] {name}: starting ({shlex.join(peer.argv)})", flush=True)
@@ -815,7 +820,10 @@ def main(argv: list[str] | None = None) -> int:
           "Workloads: " + "; ".join(f"{w.name}: {w.requests} requests, {w.concurrency} in flight, "
                                     f"{w.max_tokens} new tokens, mean prompt "
                                     f"{statistics.fmean(prompt_lens[w.name]):.0f} tokens" for w in workloads),
-          "", table, ""]
+          "", table, "",
+          f"Load average (1 min) before the runs: {load_start:.2f}"
+          + (" — **the machine was busy: these figures are not comparable**" if load_start > 0.5 else "")
+          + ".", ""]
     if machine:
         md.append(f"Roof: bf16 matmul {machine['matmul']['bfloat16']['32'] / 1e9:.0f} GFLOP/s and fp32 "
                   f"{machine['matmul']['float32']['32'] / 1e9:.0f} GFLOP/s at [32 x {shape.hidden}] @ "
@@ -829,7 +837,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(md) + "\n"
     (args.out / "peers.md").write_text(text)
     (args.out / "peers.json").write_text(json.dumps(
-        {"command": command, "workloads": [asdict(w) for w in workloads], "prompt_tokens": prompt_lens,
+        {"command": command, "load_average_at_start": load_start, "workloads": [asdict(w) for w in workloads], "prompt_tokens": prompt_lens,
          "machine": machine, "roof_tokens_per_s": roofs, "settings": settings, "runs": runs,
          "startups": startups, "medians": agg}, indent=2, default=str))
     write_plot(agg, [w.name for w in workloads], args.out / "peers.png")
