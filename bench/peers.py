@@ -365,13 +365,18 @@ def make_peers(args: argparse.Namespace, hf_dir: Path, gguf: Path, port: int) ->
         "q4_1",
         settings={"version": "llama-cpp-python 0.3.36", "weights": f"GGUF {gguf.name} (Q4_1, as is)",
                   "n_threads": threads, "n_threads_batch": threads, "n_ctx": 4096, "n_batch": 512,
-                  "logits_all": False, "concurrency": "one global lock: requests run one at a time"},
+                  "logits_all": False, "weight_repacking": "off (use_extra_bufts=False)",
+                  "concurrency": "one global lock: requests run one at a time, queued "
+                                 "(interrupt_requests=false; its default cancels the running stream)"},
         env={"OMP_NUM_THREADS": str(threads)},
         # llama-cpp-python has no ignore_eos: min_tokens = max_tokens masks EOS until then.
         extra_body={"ignore_eos": None, "stream_options": None, "min_tokens": "MAX_TOKENS"},
-        argv=[llama_py, "-m", "llama_cpp.server", "--model", str(gguf), "--host", host,
+        # bench/llamacpp_server.py = `python -m llama_cpp.server` with weight repacking off
+        # (the repacked AMX path segfaults on the first prompt on this machine's CPU)
+        argv=[llama_py, str(ROOT / "bench" / "llamacpp_server.py"), "--model", str(gguf), "--host", host,
               "--port", str(port), "--n_threads", str(threads), "--n_threads_batch", str(threads),
-              "--n_ctx", "4096", "--logits_all", "false", "--model_alias", MODEL_NAME,
+              "--n_ctx", "4096", "--logits_all", "false", "--interrupt_requests", "false",
+              "--model_alias", MODEL_NAME,
               "--verbose", "false"])
 
     # transformers: its own venv when there is one, else kiln's venv (same transformers 5.23.0,
@@ -527,6 +532,11 @@ class Server:
                                f"{tail(self.log)}")
         self.first_request_s = time.perf_counter() - self.t0
 
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.peer.name} exited with {self.proc.returncode}; log {self.log}:\n"
+                               f"{tail(self.log)}")
+
     async def _first_request(self) -> serving.Result:
         async with httpx.AsyncClient(timeout=httpx.Timeout(self.peer.startup_timeout)) as client:
             return await serving.one_request(client, self.url, self.peer.model_field, "Hello", 1, None,
@@ -556,6 +566,7 @@ def tail(path: Path, n: int = 25) -> str:
 
 def run_workload(server: Server, w: Workload, prompts: list[str], seed: int) -> dict:
     peer = server.peer
+    server.check_alive()
     body = peer_body(peer, w.max_tokens)
     # Warm-up (unmeasured): a few short requests of this workload's shape.
     warm = prompts[: max(1, min(w.concurrency, 4))]
@@ -565,6 +576,8 @@ def run_workload(server: Server, w: Workload, prompts: list[str], seed: int) -> 
     r = asyncio.run(serving.run_load(server.url, peer.model_field, prompts, w.max_tokens, w.concurrency,
                                      None, seed, None, body))
     r["peak_rss_bytes"] = server.memory.take_peak()
+    if r["errors"]:
+        server.check_alive()
     r["tokens_equal"] = (r["ok"] == len(prompts) and r["tokens_per_request_min"] == w.max_tokens
                          == r["tokens_per_request_max"])
     return r
