@@ -20,7 +20,9 @@ Schedule ("alternate per round"): restarts are expensive (vLLM takes ~80 s), so 
 started once per round and runs every workload in it; rounds alternate servers:
 kiln round 1, vllm round 1, llamacpp round 1, transformers round 1, kiln round 2, ...
 Every figure is the median over `--repeats` rounds (start-up time and peak memory included).
-Before each workload one unmeasured warm-up pass runs (a few short requests).
+Before each workload one unmeasured warm-up pass runs: a few short requests of its shape whose
+prompts share nothing with the measured ones; no two workloads share prompts either, so a
+prefix cache serves only what a workload itself repeats (the shared-prefix system prompt).
 
 Every request is streaming `/v1/completions`, greedy, with EOS ignored (llama.cpp: `min_tokens`
 = `max_tokens`; transformers: a generation config whose EOS id is -1), so every server
@@ -54,6 +56,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
@@ -137,9 +140,15 @@ def text_of_tokens(tok: Tokenizer, n_tokens: int, rng: random.Random) -> str:
     return text
 
 
+def workload_seed(w: Workload, seed: int) -> int:
+    """A seed of its own per workload, so no workload's prompts repeat another's (a server with
+    a prefix cache would otherwise serve them from it)."""
+    return zlib.crc32(f"{w.name}-{seed}".encode())
+
+
 def build_prompts(w: Workload, tok: Tokenizer | None, seed: int = 0) -> list[str]:
     """The workload's prompts: the same for every server (seeded). Token-exact lengths need `tok`."""
-    rng = random.Random(f"{w.name}-{seed}")
+    rng = random.Random(workload_seed(w, seed))
     prefix = ""
     if w.prefix_tokens:
         if tok is None:
@@ -149,7 +158,7 @@ def build_prompts(w: Workload, tok: Tokenizer | None, seed: int = 0) -> list[str
         if tok is None:
             raise ValueError(f"workload {w.name} needs a tokenizer")
         return [prefix + text_of_tokens(tok, w.prompt_tokens, rng) for _ in range(w.requests)]
-    return serving.make_prompts(w.requests, seed, w.prompt_words[0], w.prompt_words[1], prefix)
+    return serving.make_prompts(w.requests, workload_seed(w, seed), w.prompt_words[0], w.prompt_words[1], prefix)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,6 +296,7 @@ class Peer:
     model_field: str | None = MODEL_NAME
     argv: list[str] = field(default_factory=list)
     startup_timeout: float = 600.0
+    ready_path: str = "/v1/models"  # GET answers 200 once the server takes requests
     missing_reason: str = ""
 
     def installed(self) -> bool:
@@ -385,6 +395,11 @@ def make_peers(args: argparse.Namespace, hf_dir: Path, gguf: Path, port: int) ->
     tf_py = str(tf_venv / "bin" / "python")
     tf_install = [[py, "-m", "venv", str(tf_venv)],
                   [tf_py, "-m", "pip", "install", *index, "torch==2.13.0", "transformers[serving]==5.23.0"]]
+    # its paged cache: the same byte budget as kiln's and vLLM's (its default takes a share of
+    # free memory: ~11 GB here), and kiln's token budget per step
+    shape = ModelShape.from_config(json.loads((hf_dir / "config.json").read_text()))
+    cb_block = 16
+    cb_blocks = int(kv_gib * 2**30 // (cb_block * shape.kv_bytes_per_token(4 if dtype == "float32" else 2)))
     missing = ""
     if not (tf_venv / "bin" / "python").exists():
         if _can_import(kiln_venv / "bin" / "python", "transformers.cli.serve, fastapi, uvicorn, openai, rich"):
@@ -396,15 +411,17 @@ def make_peers(args: argparse.Namespace, hf_dir: Path, gguf: Path, port: int) ->
         settings={"version": "transformers serve " + _version(tf_venv, "transformers"),
                   "venv": str(tf_venv.relative_to(ROOT)) if tf_venv.is_relative_to(ROOT) else str(tf_venv),
                   "continuous_batching": True, "dtype": dtype, "threads": threads,
-                  "cb_config": "defaults (paged cache sized by transformers)"},
+                  "kv_cache": f"{kv_gib}G ({cb_blocks} blocks of {cb_block})", "cb_max_batch_tokens": 2048},
         env={"OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"},
         # its /v1/completions refuses unknown fields (ignore_eos); EOS id -1 disables EOS in CB
         extra_body={"ignore_eos": None, "stream_options": None,
                     "generation_config": json.dumps({"do_sample": False, "eos_token_id": -1})},
         model_field=None,
+        ready_path="/health",  # its /v1/models scans the Hugging Face hub cache (and fails without one)
         argv=[str(tf_venv / "bin" / "transformers"), "serve", str(hf_dir), "--continuous-batching",
-              "--dtype", dtype, "--device", "cpu", "--host", host, "--port", str(port),
-              "--log-level", "warning"],
+              "--dtype", dtype, "--device", "cpu", "--cb-block-size", str(cb_block),
+              "--cb-num-blocks", str(cb_blocks), "--cb-max-batch-tokens", "2048",
+              "--host", host, "--port", str(port), "--log-level", "warning"],
         missing_reason=missing)
     for name, extra in (args.server_args or {}).items():
         if name in peers:
@@ -489,6 +506,30 @@ class MemorySampler:
         self._thread.join(timeout=2)
 
 
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def peer_model_dir(hf_dir: Path, root: Path = PEERS_DIR / "models") -> Path:
+    """The folder the peers serve: `hf_dir` itself when its config.json names its architecture,
+    else a folder of links to its files with a config.json that does (`transformers serve`
+    needs `architectures`; the folders `kiln convert` wrote before it set it have none)."""
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    if cfg.get("architectures"):
+        return hf_dir
+    arch = ARCHITECTURES.get(cfg.get("model_type", ""))
+    if arch is None:
+        raise SystemExit(f"{hf_dir}/config.json names no architecture and model_type "
+                         f"{cfg.get('model_type')!r} is not one of {sorted(ARCHITECTURES)}")
+    out = root / hf_dir.name
+    out.mkdir(parents=True, exist_ok=True)
+    for f in hf_dir.iterdir():
+        link = out / f.name
+        if f.name != "config.json" and not link.exists():
+            link.symlink_to(f.resolve())
+    (out / "config.json").write_text(json.dumps({**cfg, "architectures": [arch]}, indent=2))
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -508,7 +549,7 @@ class Server:
         self.ready_s = self.first_request_s = float("nan")
 
     def wait_ready(self) -> None:
-        """Poll GET /v1/models until it answers, then send one tiny completion: start-up time is
+        """Poll GET `ready_path` until it answers, then send one tiny completion: start-up time is
         process start to that request's last byte."""
         deadline = self.t0 + self.peer.startup_timeout
         while True:
@@ -519,7 +560,7 @@ class Server:
                 raise RuntimeError(f"{self.peer.name} not ready after {self.peer.startup_timeout:.0f} s; "
                                    f"log {self.log}:\n{tail(self.log)}")
             try:
-                r = httpx.get(f"{self.url}/v1/models", timeout=5)
+                r = httpx.get(f"{self.url}{self.peer.ready_path}", timeout=5)
                 if r.status_code == 200:
                     break
             except httpx.HTTPError:
@@ -564,12 +605,13 @@ def tail(path: Path, n: int = 25) -> str:
         return ""
 
 
-def run_workload(server: Server, w: Workload, prompts: list[str], seed: int) -> dict:
+def run_workload(server: Server, w: Workload, prompts: list[str], warm: list[str], seed: int) -> dict:
+    """Warm-up (unmeasured): `warm`, a few short requests of this workload's shape whose prompts
+    share nothing with the measured ones (no prefix cache may serve those from the warm-up);
+    then the measured run."""
     peer = server.peer
     server.check_alive()
     body = peer_body(peer, w.max_tokens)
-    # Warm-up (unmeasured): a few short requests of this workload's shape.
-    warm = prompts[: max(1, min(w.concurrency, 4))]
     asyncio.run(serving.run_load(server.url, peer.model_field, warm, 4, len(warm), None, seed, None,
                                  peer_body(peer, 4)))
     server.memory.take_peak()
@@ -725,7 +767,7 @@ def main(argv: list[str] | None = None) -> int:
     from kiln.runtime.models.loader import convert_gguf, default_gguf_path
 
     gguf = default_gguf_path() if args.model == "default" else Path(args.model).resolve()
-    hf_dir = convert_gguf(gguf)
+    hf_dir = peer_model_dir(convert_gguf(gguf))
     port = args.port or free_port()
     url = f"http://127.0.0.1:{port}"
     peers = make_peers(args, hf_dir, gguf, port)
@@ -758,6 +800,8 @@ def main(argv: list[str] | None = None) -> int:
     shape = ModelShape.from_config(cfg)
     tok = Tokenizer.from_folder(hf_dir)
     prompts = {w.name: build_prompts(w, tok, args.seed) for w in workloads}
+    warmups = {w.name: build_prompts(replace(w, requests=max(1, min(w.concurrency, 4))), tok, args.seed + 1)
+               for w in workloads}
     prompt_lens = {w.name: [len(tok.encode(p)) for p in prompts[w.name]] for w in workloads}
 
     machine: dict = {}
@@ -801,7 +845,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  ready in {server.ready_s:.1f} s, first request served at {server.first_request_s:.1f} s",
                   flush=True)
             for w in workloads:
-                r = run_workload(server, w, prompts[w.name], args.seed)
+                r = run_workload(server, w, prompts[w.name], warmups[w.name], args.seed)
                 r.update(server=name, workload=w.name, round=rnd)
                 runs.append(r)
                 print(f"  {w.name:>14}: {r['tokens_per_s']:7.1f} tok/s  TTFT p50/p99 {_ms(r['ttft_p50'])}/"

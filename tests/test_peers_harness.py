@@ -171,7 +171,8 @@ def test_build_prompts_shared_prefix_and_long_prompt():
     assert len(set(long)) == 8  # distinct: no prefix cache can cover them
 
     plain = peers.build_prompts(peers.WORKLOADS["c8"], None, seed=3)
-    assert plain == serving.make_prompts(32, 3, 20, 200)
+    assert plain == serving.make_prompts(32, peers.workload_seed(peers.WORKLOADS["c8"], 3), 20, 200)
+    assert all(20 <= len(p.split()) <= 200 for p in plain)
     with pytest.raises(ValueError):
         peers.build_prompts(w, None)
 
@@ -207,3 +208,31 @@ def test_make_prompts_unchanged_without_prefix():
     assert pre.endswith("\n\n") and len(pre.split()) == 4
     assert all(p.startswith(pre) for p in serving.make_prompts(3, 0, 5, 9, pre))
     assert serving.make_prefix(0, 0) == ""
+
+
+def test_peer_model_dir_adds_architectures(tmp_path):
+    src = tmp_path / "model"
+    src.mkdir()
+    (src / "config.json").write_text('{"model_type": "llama", "hidden_size": 8}')
+    (src / "model.safetensors").write_bytes(b"weights")
+    out = peers.peer_model_dir(src, tmp_path / "peers")
+    assert out != src
+    import json
+
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg == {"model_type": "llama", "hidden_size": 8, "architectures": ["LlamaForCausalLM"]}
+    assert (out / "model.safetensors").read_bytes() == b"weights"
+    assert json.loads((src / "config.json").read_text()).get("architectures") is None  # source untouched
+    assert peers.peer_model_dir(src, tmp_path / "peers") == out  # idempotent
+    assert peers.peer_model_dir(out, tmp_path / "peers") == out  # already named: served as is
+
+
+def test_no_prompt_is_shared_between_workloads_or_with_their_warm_up():
+    tok = word_tokenizer()
+    seen: dict[str, str] = {}
+    for w in peers.WORKLOADS.values():
+        for seed in (0, 1):  # 1: the warm-up's seed
+            for p in peers.build_prompts(w, tok, seed):
+                head = " ".join(p.split()[:12])  # a prefix cache would hit on a shared start
+                assert head not in seen or seen[head] == (w.name, seed), (w.name, seed, seen.get(head))
+                seen[head] = (w.name, seed)
