@@ -67,7 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serving  # noqa: E402  (bench/serving.py: the load generator, reused)
 
 ROOT = Path(__file__).resolve().parent.parent
-PEERS_DIR = ROOT / ".peers"
+PEERS_DIR = Path(os.environ.get("KILN_PEERS_DIR", ROOT / ".peers"))  # the peers' venvs
 RESULTS_DIR = ROOT / "bench" / "results"
 MODEL_NAME = "peer-model"  # the name every server is told to answer to (where it takes one)
 
@@ -885,7 +885,16 @@ def main(argv: list[str] | None = None) -> int:
         md.append(f"Roof: bf16 matmul {machine['matmul']['bfloat16']['32'] / 1e9:.0f} GFLOP/s and fp32 "
                   f"{machine['matmul']['float32']['32'] / 1e9:.0f} GFLOP/s at [32 x {shape.hidden}] @ "
                   f"[{shape.hidden} x {shape.intermediate}], memory read "
-                  f"{machine['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s.")
+                  f"{machine['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s. Model per decode step: "
+                  f"{shape.flops_per_token(0) / 1e6:.0f} MFLOP per sequence plus "
+                  f"{shape.flops_per_token(1) - shape.flops_per_token(0):.0f} FLOP per token of context; "
+                  f"weights read once per step: {shape.weight_bytes(2) / 1e6:.0f} MB in bf16, "
+                  f"{shape.weight_bytes(4) / 1e6:.0f} MB in fp32, {gguf.stat().st_size / 1e6:.0f} MB as GGUF; "
+                  f"KV cache {shape.kv_bytes_per_token(2) / 1e3:.1f} kB per token of context in bf16. "
+                  "Roof tokens/s: prefills at the 512-row matmul rate (a shared prefix once), decode "
+                  "steps of min(concurrency, requests) sequences at max(FLOPs / matmul rate at that "
+                  "batch, bytes / bandwidth); llama.cpp's Q4_1 counted at its GGUF bytes and the better "
+                  "of the two matmul rates.")
     md += ["", "Settings:"] + [f"- **{n}**: " + ", ".join(f"{k}={v}" for k, v in s.items() if k not in ("command", "env"))
                               for n, s in settings.items()]
     failures = {n: e["failures"] for n, e in agg.items() if e["failures"]}
