@@ -693,7 +693,8 @@ def markdown_table(agg: dict[str, dict], roofs: dict[str, dict[str, float]], wor
     return "\n".join(lines)
 
 
-def write_plot(agg: dict[str, dict], workloads: list[str], path: Path) -> bool:
+def write_plot(agg: dict[str, dict], roofs: dict[str, dict[str, float]], workloads: list[str], path: Path) -> bool:
+    """Bars of tokens/s (each server's roof as a black tick over its bar) and of TTFT p50 (log scale)."""
     try:
         import matplotlib
 
@@ -710,8 +711,13 @@ def write_plot(agg: dict[str, dict], workloads: list[str], path: Path) -> bool:
         tps = [agg[server]["workloads"].get(w, {}).get("tokens_per_s", 0) or 0 for w in workloads]
         ttft = [(agg[server]["workloads"].get(w, {}).get("ttft_p50", 0) or 0) * 1e3 for w in workloads]
         axes[0].bar(xs, tps, width, label=server)
+        roof = [roofs.get(server, {}).get(w, float("nan")) for w in workloads]
+        axes[0].hlines([r for r in roof if r == r], [x - width / 2 for x, r in zip(xs, roof) if r == r],
+                       [x + width / 2 for x, r in zip(xs, roof) if r == r], colors="k",
+                       label="roof" if i == 0 and any(r == r for r in roof) else None)
         axes[1].bar(xs, [0 if t != t else t for t in ttft], width, label=server)
-    for ax, title in zip(axes, ("output tokens/s (median)", "TTFT p50 ms (median)")):
+    axes[1].set_yscale("log")
+    for ax, title in zip(axes, ("output tokens/s (median; black: roof)", "TTFT p50 ms (median, log scale)")):
         ax.set_xticks([j + width * (len(servers) - 1) / 2 for j in range(len(workloads))], workloads)
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
@@ -906,7 +912,7 @@ def main(argv: list[str] | None = None) -> int:
         {"command": command, "load_average_at_start": load_start, "workloads": [asdict(w) for w in workloads], "prompt_tokens": prompt_lens,
          "machine": machine, "roof_tokens_per_s": roofs, "settings": settings, "runs": runs,
          "startups": startups, "medians": agg}, indent=2, default=str))
-    write_plot(agg, [w.name for w in workloads], args.out / "peers.png")
+    write_plot(agg, roofs, [w.name for w in workloads], args.out / "peers.png")
     print("\n" + text, flush=True)
     print(f"wrote {args.out / 'peers.md'}, {args.out / 'peers.json'}, {args.out / 'peers.png'}")
     return 0 if not failures and all(e["errors"] == 0 for a in agg.values() for e in a["workloads"].values()) else 1
