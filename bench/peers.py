@@ -233,8 +233,11 @@ def workload_roof(shape: ModelShape, prompt_tokens: list[int], prefix_tokens: in
                               weight_bytes_per_param, kv_bytes)
     decode_s = (n / batch) * max_tokens * step_s
     total = prefill_s + decode_s
+    memory_s = (shape.weight_bytes(weight_bytes_per_param)
+                + batch * mean_ctx * shape.kv_bytes_per_token(kv_bytes)) / bytes_per_s
     return {"tokens_per_s": n * max_tokens / total, "prefill_s": prefill_s, "decode_s": decode_s,
-            "decode_step_s": step_s, "batch": batch, "mean_context": mean_ctx}
+            "decode_step_s": step_s, "batch": batch, "mean_context": mean_ctx,
+            "decode_bound": "memory" if memory_s >= step_s else "compute"}
 
 
 def measure_machine(shape: ModelShape, batches: Iterable[int], threads: int, quick: bool = False) -> dict:
@@ -812,22 +815,26 @@ def main(argv: list[str] | None = None) -> int:
 
     machine: dict = {}
     roofs: dict[str, dict[str, float]] = {}
+    roof_detail: dict[str, dict[str, dict]] = {}
     if not args.no_roof:
         print("measuring the machine (matmul rates, memory bandwidth)...", flush=True)
-        machine = measure_machine(shape, sorted({1, 8, 32, 64} | {w.concurrency for w in workloads}),
+        # the decode batches the roofs need: min(concurrency, requests) of every workload
+        machine = measure_machine(shape, sorted({1, 8, 32, 64} | {max(1, min(w.concurrency, w.requests))
+                                                                   for w in workloads}),
                                   args.threads, args.quick)
         gguf_bytes_per_param = gguf.stat().st_size / (shape.linear_params() + shape.hidden * shape.vocab * (0 if shape.tied else 1))
         for name in ready:
             p = peers[name]
             wbytes = {"bfloat16": 2, "float32": 4}.get(p.dtype, gguf_bytes_per_param)
             kvbytes = {"float32": 4}.get(p.dtype, 2)  # llama.cpp's KV cache is f16
-            roofs[name] = {}
+            roofs[name], roof_detail[name] = {}, {}
             for w in workloads:
                 batch = max(1, min(w.concurrency, w.requests))
                 r = workload_roof(shape, prompt_lens[w.name], w.prefix_tokens, w.max_tokens, w.concurrency,
                                   rate_for(machine, p.dtype, batch), rate_for(machine, p.dtype, 512),
                                   machine["bandwidth_bytes_per_s"], wbytes, kvbytes)
                 roofs[name][w.name] = r["tokens_per_s"]
+                roof_detail[name][w.name] = r
         mm = machine["matmul"]
         print(f"  bf16 GFLOP/s by rows: { {b: round(v / 1e9) for b, v in mm['bfloat16'].items()} }\n"
               f"  fp32 GFLOP/s by rows: { {b: round(v / 1e9) for b, v in mm['float32'].items()} }\n"
@@ -900,7 +907,10 @@ def main(argv: list[str] | None = None) -> int:
                   "Roof tokens/s: prefills at the 512-row matmul rate (a shared prefix once), decode "
                   "steps of min(concurrency, requests) sequences at max(FLOPs / matmul rate at that "
                   "batch, bytes / bandwidth); llama.cpp's Q4_1 counted at its GGUF bytes and the better "
-                  "of the two matmul rates.")
+                  "of the two matmul rates. The rates are torch's (`torch.mm`, weights not pre-packed): "
+                  "at 1-8 rows a fixed cost per call (~70 us in bf16, where the weight is re-packed "
+                  "for AMX on every call) dominates them, so small-batch roofs are per-call-bound "
+                  "rather than bandwidth-bound (peers.json: `machine`, `roof_detail`).")
     md += ["", "Settings:"] + [f"- **{n}**: " + ", ".join(f"{k}={v}" for k, v in s.items() if k not in ("command", "env"))
                               for n, s in settings.items()]
     failures = {n: e["failures"] for n, e in agg.items() if e["failures"]}
@@ -910,7 +920,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "peers.md").write_text(text)
     (args.out / "peers.json").write_text(json.dumps(
         {"command": command, "load_average_at_start": load_start, "workloads": [asdict(w) for w in workloads], "prompt_tokens": prompt_lens,
-         "machine": machine, "roof_tokens_per_s": roofs, "settings": settings, "runs": runs,
+         "machine": machine, "roof_tokens_per_s": roofs, "roof_detail": roof_detail, "settings": settings, "runs": runs,
          "startups": startups, "medians": agg}, indent=2, default=str))
     write_plot(agg, roofs, [w.name for w in workloads], args.out / "peers.png")
     print("\n" + text, flush=True)

@@ -87,6 +87,11 @@ def test_workload_roof_counts_a_shared_prefix_once():
     # 8 requests 4 at a time: two decode waves of 16 steps
     assert unshared["batch"] == 4
     assert unshared["decode_s"] == pytest.approx(2 * 16 * unshared["decode_step_s"])
+    # ~366 MB a step at 10 GB/s (37 ms) against 1.4 GFLOP at 100 GFLOP/s (14 ms)
+    assert unshared["decode_bound"] == "memory"
+    fast_memory = peers.workload_roof(shape, lens, 0, **{**kw, "bytes_per_s": 1e12})
+    assert fast_memory["decode_bound"] == "compute"
+    assert fast_memory["tokens_per_s"] > unshared["tokens_per_s"]
 
 
 def test_rate_for_picks_nearest_measured_batch_and_best_rate_for_gguf():
