@@ -805,6 +805,11 @@ def main(argv: list[str] | None = None) -> int:
         print("no server to run")
         return 1
 
+    # before anything of ours loads the CPU (the roof measurement would raise it)
+    load_start = os.getloadavg()[0]
+    if load_start > 0.5:
+        print(f"warning: load average {load_start:.2f} before the runs: something else is using the CPU, "
+              "so these figures are not comparable with a quiet machine's", flush=True)
     cfg = json.loads((hf_dir / "config.json").read_text())
     shape = ModelShape.from_config(cfg)
     tok = Tokenizer.from_folder(hf_dir)
@@ -845,10 +850,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict] = []
     startups: list[dict] = []
     args.out.mkdir(parents=True, exist_ok=True)
-    load_start = os.getloadavg()[0]
-    if load_start > 0.5:
-        print(f"warning: load average {load_start:.2f} before the runs: something else is using the CPU, "
-              "so these figures are not comparable with a quiet machine's", flush=True)
+
     for rnd, name in schedule(ready, repeats):
         peer = peers[name]
         print(f"[round {rnd + 1}/{repeats}] {name}: starting ({shlex.join(peer.argv)})", flush=True)
