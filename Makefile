@@ -10,7 +10,7 @@ PORT   ?= 8080
 TORCH_SPEC := torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: serve test install install-dev bench clean proto
+.PHONY: serve test install install-dev bench bench-peers clean proto
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,17 @@ test: install-dev
 
 bench: install-dev
 	$(BIN)/python bench/offline.py
+
+$(BIN)/.installed-bench: $(BIN)/.installed
+	$(BIN)/pip install --quiet -e ".[bench]"
+	touch $@
+
+# Peer comparison (kiln, vLLM CPU, llama.cpp, transformers): installs the missing peers into
+# .peers/ once (vLLM alone takes ~10 minutes, llama.cpp compiles ~10 minutes), then runs every
+# workload; results in bench/results/peers.{md,json,png}. PEERS_ARGS="--quick" for a smoke run.
+PEERS_ARGS ?=
+bench-peers: $(BIN)/.installed-bench
+	$(BIN)/python bench/peers.py --install $(PEERS_ARGS)
 
 # Regenerate kiln/proto/ from proto/ (tests/test_grpc.py fails when they differ).
 proto: install-dev

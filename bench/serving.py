@@ -5,6 +5,14 @@ a report of throughput, time to first token and inter-token latency (p50/p90/p99
     python bench/serving.py --url http://127.0.0.1:8080 --concurrency 1,8,32,64
     python bench/serving.py --url http://127.0.0.1:8080 --rate 4 --requests 200
     python bench/serving.py --start-kiln --concurrency 8      # starts `kiln serve` itself
+    python bench/serving.py --shared-prefix-words 700 --concurrency 8   # one prefix for all prompts
+
+`extra_body` (`--extra-body JSON`) adapts the request to a server: its keys are merged into
+every request body, and a key set to null is removed (llama.cpp has no `ignore_eos`, so
+`{"ignore_eos": null, "min_tokens": 64}` asks it for the same thing). A server that sends no
+`usage` in its stream gets its tokens counted as the streamed chunks that carry text.
+
+`bench/peers.py` drives kiln, vLLM, llama.cpp and transformers through these functions.
 """
 
 from __future__ import annotations
@@ -36,21 +44,44 @@ class Result:
     error: str = ""
 
 
-def make_prompts(n: int, seed: int, min_words: int, max_words: int) -> list[str]:
+def make_prompts(n: int, seed: int, min_words: int, max_words: int, prefix: str = "") -> list[str]:
+    """`n` seeded prompts of random words; `prefix` (e.g. a shared system prompt) leads each."""
     rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))) for _ in range(n)]
+    return [prefix + " ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))) for _ in range(n)]
 
 
-async def one_request(client: httpx.AsyncClient, url: str, model: str | None, prompt: str,
-                      max_tokens: int, api_key: str | None) -> Result:
+def make_prefix(n_words: int, seed: int) -> str:
+    """A seeded block of `n_words` words ending in a blank line: the shared part of prompts."""
+    if n_words <= 0:
+        return ""
+    rng = random.Random(f"prefix-{seed}")
+    return " ".join(rng.choice(WORDS) for _ in range(n_words)) + "\n\n"
+
+
+def request_body(prompt: str, max_tokens: int, model: str | None, extra_body: dict | None = None) -> dict:
+    """The streaming /v1/completions body: greedy, EOS ignored, usage asked for; `extra_body`
+    keys are merged in and keys set to None removed."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
     if model:
         body["model"] = model
+    for key, value in (extra_body or {}).items():
+        if value is None:
+            body.pop(key, None)
+        else:
+            body[key] = value
+    return body
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str | None, prompt: str,
+                      max_tokens: int, api_key: str | None, extra_body: dict | None = None) -> Result:
+    body = request_body(prompt, max_tokens, model, extra_body)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     start = time.perf_counter()
     last = None
     res = Result(ok=False)
+    text_chunks = 0
+    usage_seen = False
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as r:
             if r.status_code != 200:
@@ -66,13 +97,17 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str | None, pr
                     return res
                 now = time.perf_counter()
                 if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    text_chunks += 1
                     if last is None:
                         res.ttft = now - start
                     else:
                         res.itls.append(now - last)
                     last = now
                 if chunk.get("usage"):
+                    usage_seen = True
                     res.tokens = chunk["usage"]["completion_tokens"]
+        if not usage_seen:  # e.g. llama-cpp-python: one streamed chunk per token
+            res.tokens = text_chunks
         res.latency = time.perf_counter() - start
         res.ok = True
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
@@ -88,7 +123,8 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def run_load(url: str, model: str | None, prompts: list[str], max_tokens: int,
-                   concurrency: int | None, rate: float | None, seed: int, api_key: str | None) -> dict:
+                   concurrency: int | None, rate: float | None, seed: int, api_key: str | None,
+                   extra_body: dict | None = None) -> dict:
     limits = httpx.Limits(max_connections=max(concurrency or 256, 8))
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
         start = time.perf_counter()
@@ -99,14 +135,15 @@ async def run_load(url: str, model: str | None, prompts: list[str], max_tokens: 
             async def worker() -> None:
                 while queue:
                     _, p = queue.pop(0)
-                    results.append(await one_request(client, url, model, p, max_tokens, api_key))
+                    results.append(await one_request(client, url, model, p, max_tokens, api_key, extra_body))
 
             await asyncio.gather(*(worker() for _ in range(concurrency)))
         else:
             rng = random.Random(seed)
             tasks = []
             for p in prompts:
-                tasks.append(asyncio.create_task(one_request(client, url, model, p, max_tokens, api_key)))
+                tasks.append(asyncio.create_task(one_request(client, url, model, p, max_tokens, api_key,
+                                                             extra_body)))
                 await asyncio.sleep(rng.expovariate(rate))
             results = list(await asyncio.gather(*tasks))
         wall = time.perf_counter() - start
@@ -121,6 +158,8 @@ async def run_load(url: str, model: str | None, prompts: list[str], max_tokens: 
         "ttft_p50": pct(ttfts, 50), "ttft_p90": pct(ttfts, 90), "ttft_p99": pct(ttfts, 99),
         "itl_p50": pct(itls, 50), "itl_p90": pct(itls, 90), "itl_p99": pct(itls, 99),
         "latency_mean": statistics.mean(r.latency for r in ok) if ok else float("nan"),
+        "tokens_per_request_min": min((r.tokens for r in ok), default=0),
+        "tokens_per_request_max": max((r.tokens for r in ok), default=0),
     }
 
 
@@ -154,6 +193,10 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=None, help="Poisson arrival rate (requests/s) instead of concurrency")
     ap.add_argument("--requests", type=int, default=0, help="requests per run [default: 4 x concurrency, at least 16]")
     ap.add_argument("--prompt-words", default="20,200", help="prompt length range in words (min,max)")
+    ap.add_argument("--shared-prefix-words", type=int, default=0,
+                    help="lead every prompt with the same seeded block of this many words [default: 0]")
+    ap.add_argument("--extra-body", default=None,
+                    help="JSON object merged into every request body; null values remove keys")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--start-kiln", action="store_true", help="start `kiln serve` on --port for the run")
@@ -162,6 +205,8 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     lo, hi = (int(x) for x in args.prompt_words.split(","))
+    prefix = make_prefix(args.shared_prefix_words, args.seed)
+    extra_body = json.loads(args.extra_body) if args.extra_body else None
     proc = None
     if args.start_kiln:
         proc = start_kiln(args.port, args.kiln_args.split())
@@ -171,8 +216,9 @@ def main() -> int:
         levels = [None] if args.rate else [int(c) for c in args.concurrency.split(",")]
         for c in levels:
             n = args.requests or max(16, 4 * (c or 4))
-            prompts = make_prompts(n, args.seed, lo, hi)
-            r = asyncio.run(run_load(args.url, args.model, prompts, args.max_tokens, c, args.rate, args.seed, args.api_key))
+            prompts = make_prompts(n, args.seed, lo, hi, prefix)
+            r = asyncio.run(run_load(args.url, args.model, prompts, args.max_tokens, c, args.rate, args.seed,
+                                     args.api_key, extra_body))
             runs.append(r)
             label = f"concurrency {c}" if c else f"rate {args.rate}/s"
             print(f"{label:>16}: {r['tokens_per_s']:7.1f} tok/s  TTFT p50/p90/p99 "
