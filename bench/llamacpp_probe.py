@@ -85,10 +85,10 @@ class Runner:
     def decode_rate(self, prompts: list[list[int]], new_tokens: int) -> float:
         """Prefill every prompt (sequence i), then time greedy decode steps of all of them."""
         self.clear()
-        items = [(t, p, s, p == len(ids) - 1) for s, ids in enumerate(prompts) for p, t in enumerate(ids)]
-        self.decode(items)
-        last = [i for i, it in enumerate(items) if it[3]]
-        nxt = [int(np.argmax(self.logits(i))) for i in last]
+        nxt = []
+        for s, ids in enumerate(prompts):  # one prefill per sequence: its logits are the call's last
+            self.decode([(t, p, s, p == len(ids) - 1) for p, t in enumerate(ids)])
+            nxt.append(int(np.argmax(self.logits(-1))))
         pos = [len(ids) for ids in prompts]
         elapsed = 0.0
         for _ in range(new_tokens):
