@@ -39,6 +39,17 @@ def model_path():
     return resolve_model("default")
 
 
+def test_converted_folder_is_a_plain_transformers_model(model_path):
+    """The GGUF conversion names its architecture and carries no quantization marker, so
+    transformers' own tools (`transformers serve`, pipelines, save_pretrained) take it as is."""
+    import json
+
+    config = json.loads((model_path / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert "quantization_config" not in config
+    assert json.loads((model_path / ".kiln-converted").read_text())["format"] >= 2
+
+
 @pytest.fixture(scope="session")
 def tokenizer(model_path):
     from transformers import AutoTokenizer

@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DONE_MARKER = ".kiln-converted"
+# Bumped when a conversion's output changes, so that older cached folders are redone once.
+# 2: config.json names its architecture (`transformers serve` and pipelines need it).
+_CONVERT_FORMAT = 2
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -76,12 +79,20 @@ def resolve_model(model: str) -> Path:
     )
 
 
+def _converted_format(folder: Path) -> int | None:
+    """The format of a finished conversion in `folder` (1 for those before the field), or None."""
+    try:
+        return int(json.loads((folder / _DONE_MARKER).read_text()).get("format", 1))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path | None = None) -> Path:
     """Dequantize a GGUF file into a float32 safetensors folder (once; cached)."""
     gguf_path = Path(gguf_path).resolve()
     if out_dir is None:
         out_dir = cache_dir() / "models" / f"{gguf_path.stem}-{_file_digest(gguf_path)}"
-    if (out_dir / _DONE_MARKER).is_file():
+    if _converted_format(out_dir) == _CONVERT_FORMAT:
         return out_dir
     log.info("converting %s into %s (once)", gguf_path, out_dir)
     # transformers reads GGUF metadata, tokenizer and tensors (dequantizing them).
@@ -98,6 +109,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path | None = None) -> Path:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = "float32"
+    config.architectures = [type(model).__name__]
 
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -114,7 +126,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path | None = None) -> Path:
     tokenizer.save_pretrained(tmp)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(tmp)
-    (tmp / _DONE_MARKER).write_text(json.dumps({"source": str(gguf_path)}))
+    (tmp / _DONE_MARKER).write_text(json.dumps({"source": str(gguf_path), "format": _CONVERT_FORMAT}))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir
