@@ -509,30 +509,6 @@ class MemorySampler:
         self._thread.join(timeout=2)
 
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-
-
-def peer_model_dir(hf_dir: Path, root: Path = PEERS_DIR / "models") -> Path:
-    """The folder the peers serve: `hf_dir` itself when its config.json names its architecture,
-    else a folder of links to its files with a config.json that does (`transformers serve`
-    needs `architectures`; the folders `kiln convert` wrote before it set it have none)."""
-    cfg = json.loads((hf_dir / "config.json").read_text())
-    if cfg.get("architectures"):
-        return hf_dir
-    arch = ARCHITECTURES.get(cfg.get("model_type", ""))
-    if arch is None:
-        raise SystemExit(f"{hf_dir}/config.json names no architecture and model_type "
-                         f"{cfg.get('model_type')!r} is not one of {sorted(ARCHITECTURES)}")
-    out = root / hf_dir.name
-    out.mkdir(parents=True, exist_ok=True)
-    for f in hf_dir.iterdir():
-        link = out / f.name
-        if f.name != "config.json" and not link.exists():
-            link.symlink_to(f.resolve())
-    (out / "config.json").write_text(json.dumps({**cfg, "architectures": [arch]}, indent=2))
-    return out
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -776,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
     from kiln.runtime.models.loader import convert_gguf, default_gguf_path
 
     gguf = default_gguf_path() if args.model == "default" else Path(args.model).resolve()
-    hf_dir = peer_model_dir(convert_gguf(gguf))
+    hf_dir = convert_gguf(gguf)  # its config.json names the architecture, as `transformers serve` needs
     port = args.port or free_port()
     url = f"http://127.0.0.1:{port}"
     peers = make_peers(args, hf_dir, gguf, port)

@@ -215,23 +215,6 @@ def test_make_prompts_unchanged_without_prefix():
     assert serving.make_prefix(0, 0) == ""
 
 
-def test_peer_model_dir_adds_architectures(tmp_path):
-    src = tmp_path / "model"
-    src.mkdir()
-    (src / "config.json").write_text('{"model_type": "llama", "hidden_size": 8}')
-    (src / "model.safetensors").write_bytes(b"weights")
-    out = peers.peer_model_dir(src, tmp_path / "peers")
-    assert out != src
-    import json
-
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg == {"model_type": "llama", "hidden_size": 8, "architectures": ["LlamaForCausalLM"]}
-    assert (out / "model.safetensors").read_bytes() == b"weights"
-    assert json.loads((src / "config.json").read_text()).get("architectures") is None  # source untouched
-    assert peers.peer_model_dir(src, tmp_path / "peers") == out  # idempotent
-    assert peers.peer_model_dir(out, tmp_path / "peers") == out  # already named: served as is
-
-
 def test_no_prompt_is_shared_between_workloads_or_with_their_warm_up():
     tok = word_tokenizer()
     seen: dict[str, str] = {}

@@ -28,6 +28,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -35,6 +36,9 @@ from torch import nn
 
 from .lora_slots import LoraPlan, LoraSlots, grouped_lora
 from .models.loader import ModelConfig
+
+if TYPE_CHECKING:  # parallel.py imports this module
+    from .parallel import ShardPlan
 
 log = logging.getLogger(__name__)
 
@@ -348,7 +352,7 @@ class LoraManager:
     acquires and releases adapters for requests."""
 
     def __init__(self, model: nn.Module, cfg: ModelConfig, settings: LoraSettings, dtype: torch.dtype,
-                 shard=None) -> None:
+                 shard: ShardPlan | None = None) -> None:
         self.cfg = cfg  # the full model's: adapter files are checked against it
         self.settings = settings
         self.dtype = dtype
