@@ -287,3 +287,26 @@ def test_no_leaks_after_many_requests_with_aborts(engine, prompt_ids):
         assert stats.num_free_blocks == stats.num_blocks
     finally:
         async_engine.shutdown()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacked_linear_equals_the_dense_matmul(dtype):
+    """The CPU backend prepacks linear weights for oneDNN; the result must be the dense
+    F.linear's (the same oneDNN/MKL kernels underneath), for 1-D-batch and 3-D inputs."""
+    from kiln.runtime.models.layers import Linear
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN: nothing is prepacked")
+    g = torch.Generator().manual_seed(0)
+    layer = Linear(576, 960)
+    layer.weight.data = torch.randn(960, 576, generator=g).to(dtype)
+    dense = layer.weight.detach().clone()
+    layer.pack_mkldnn()
+    assert layer.weight is None and layer.packed is not None
+    for shape in ((1, 576), (37, 576), (2, 5, 576)):
+        x = torch.randn(*shape, generator=g).to(dtype)
+        want = torch.nn.functional.linear(x.double(), dense.double())
+        got = layer(x)
+        assert got.dtype == dtype and got.shape == want.shape
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        assert torch.allclose(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())

@@ -41,6 +41,8 @@ class CpuStepState:
     prefills: list[_PrefillPlan]
 
 
+_PACKABLE = (torch.float32, torch.bfloat16)
+
 # Decodes are padded to the longest context of their group; the model runner sorts them by
 # length, so a few groups of consecutive rows cut most of the padding.
 _DECODE_GROUPS = 4
@@ -60,13 +62,13 @@ class CpuBackend:
         self.kv = torch.zeros(num_layers, 2, num_blocks * block_size, num_kv_heads, head_dim, dtype=dtype)
 
     def prepare_model(self, model: torch.nn.Module) -> None:
-        """Prepack float32 linear weights for oneDNN where it is available."""
+        """Prepack float32 and bfloat16 linear weights for oneDNN where it is available."""
         from ..models.layers import Linear
 
         if not torch.backends.mkldnn.is_available():
             return
         for module in model.modules():
-            if isinstance(module, Linear) and module.weight is not None and module.weight.dtype == torch.float32:
+            if isinstance(module, Linear) and module.weight is not None and module.weight.dtype in _PACKABLE:
                 module.pack_mkldnn()
 
     def prepare(self, meta: AttentionMetadata) -> CpuStepState:
