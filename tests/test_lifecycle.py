@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import re
 import shutil
 import signal
@@ -198,3 +199,20 @@ def test_schemathesis_finds_no_server_errors(tmp_path):
         assert httpx.get(f"{proc.base_url}/health").status_code == 200
     finally:
         proc.stop()
+
+
+@pytest.mark.parametrize("setting", ["tcmalloc", "system"])
+def test_serve_restarts_with_tcmalloc_when_installed(setting):
+    """`kiln serve` re-executes itself with tcmalloc preloaded when the library is on the
+    machine (and KILN_MALLOC does not say `system`); the restarted process runs the same
+    command line and does not restart again."""
+    from kiln.cli import _TCMALLOC_PATHS
+
+    installed = any(Path(p).exists() for p in _TCMALLOC_PATHS)
+    probe = ("import os, sys; from kiln.cli import _reexec_with_tcmalloc; _reexec_with_tcmalloc(); "
+             "print(os.getpid(), 'tcmalloc' in open('/proc/self/maps').read(), sys.argv[1:])")
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    env["KILN_MALLOC"] = setting
+    out = subprocess.run([sys.executable, "-c", probe, "x", "y"], env=env, capture_output=True,
+                         text=True, timeout=60, check=True).stdout.split(maxsplit=1)
+    assert out[1].strip() == f"{installed and setting == 'tcmalloc'} ['x', 'y']"
