@@ -1,0 +1,311 @@
+// Decode attention over the paged KV cache, for the CPU: every decoding sequence's one new
+// query against its cached context, read in place through its block table (no gather copy).
+//
+// One task per sequence (or per (sequence, KV head) for small batches): the G query heads of a
+// GQA group share each K/V row read from memory. Scores and the running output are float32 whatever the cache dtype.
+// Built at run time by kiln/kernels/cpu_decode.py (torch.utils.cpp_extension); registered as
+// torch.ops.kiln_cpu.paged_decode.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+
+// One cache row (D values) into float32. bfloat16 is the top half of a float32: widen the raw
+// 16-bit values and shift, which compilers vectorize (c10::BFloat16's operator float is opaque
+// to them).
+inline void load_row(const float* src, float* dst, int64_t D) { std::memcpy(dst, src, D * sizeof(float)); }
+inline void load_row(const c10::BFloat16* src, float* dst, int64_t D) {
+  const uint16_t* raw = reinterpret_cast<const uint16_t*>(src);
+  int64_t d = 0;
+#if defined(__AVX512F__)
+  for (; d + 16 <= D; d += 16) {
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(raw + d));
+    __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+    _mm512_storeu_ps(dst + d, _mm512_castsi512_ps(w));
+  }
+#endif
+  for (; d < D; ++d) {
+    uint32_t bits = static_cast<uint32_t>(raw[d]) << 16;
+    std::memcpy(dst + d, &bits, sizeof(float));
+  }
+}
+
+inline float dot(const float* a, const float* b, int64_t D) {
+  int64_t d = 0;
+  float s = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; d + 16 <= D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
+  s = _mm512_reduce_add_ps(acc);
+#endif
+  for (; d < D; ++d) s += a[d] * b[d];
+  return s;
+}
+
+// exp(x - m) over a row of scores, in place; returns their sum. AVX-512: a degree-6
+// polynomial after range reduction (Cephes' expf coefficients, ~1 ulp), 2^n by scalef.
+inline float exp_sub_sum(float* s, int64_t L, float m) {
+  int64_t t = 0;
+  float sum = 0.f;
+#if defined(__AVX512F__)
+  const __m512 mv = _mm512_set1_ps(m), lo = _mm512_set1_ps(-88.f);
+  __m512 acc = _mm512_setzero_ps();
+  for (; t + 16 <= L; t += 16) {
+    __m512 x = _mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(s + t), mv), lo);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
+    y = _mm512_scalef_ps(y, n);
+    _mm512_storeu_ps(s + t, y);
+    acc = _mm512_add_ps(acc, y);
+  }
+  sum = _mm512_reduce_add_ps(acc);
+#endif
+  for (; t < L; ++t) {
+    s[t] = std::exp(s[t] - m);
+    sum += s[t];
+  }
+  return sum;
+}
+
+inline void axpy(float p, const float* x, float* y, int64_t D) {
+  int64_t d = 0;
+#if defined(__AVX512F__)
+  const __m512 pv = _mm512_set1_ps(p);
+  for (; d + 16 <= D; d += 16)
+    _mm512_storeu_ps(y + d, _mm512_fmadd_ps(pv, _mm512_loadu_ps(x + d), _mm512_loadu_ps(y + d)));
+#endif
+  for (; d < D; ++d) y[d] += p * x[d];
+}
+
+template <typename T>
+void decode(const T* q, const T* k, const T* v, const int64_t* tables, const int64_t* lens, T* out,
+            int64_t B, int64_t Hkv, int64_t G, int64_t D, int64_t max_blocks, int64_t block_size,
+            float scale) {
+  const int64_t slot_stride = Hkv * D;
+  // A task is one sequence with all its KV heads, so each cache block is read as one
+  // contiguous run (block_size slots x Hkv x D); with fewer sequences than a few per thread
+  // the heads are split over tasks instead, to keep every thread busy.
+  const int64_t heads = B >= 4 * at::get_num_threads() ? Hkv : 1;
+  const int64_t tasks_per_seq = Hkv / heads, QH = heads * G;  // query heads in a task
+  at::parallel_for(0, B * tasks_per_seq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(QH * D), acc(QH * D), row(heads * D), scores, inv_sum(QH);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / tasks_per_seq, h0 = (task % tasks_per_seq) * heads;
+      const int64_t L = lens[b];
+      const int64_t* table = tables + b * max_blocks;
+      const T* qb = q + (b * Hkv + h0) * G * D;  // q is [B, Hkv, G, D]: the task's heads are adjacent
+      for (int64_t i = 0; i < QH * D; ++i) qf[i] = to_float(qb[i]) * scale;
+      scores.resize(QH * L);
+      // Scores: q . k for every cached position; each K row converted once for its G queries.
+      // Block by block (no division per token): a block's slots are consecutive.
+      for (int64_t t0 = 0; t0 < L; t0 += block_size) {
+        const T* kr = k + table[t0 / block_size] * block_size * slot_stride + h0 * D;
+        const int64_t n = std::min(block_size, L - t0);
+        for (int64_t j = 0; j < n; ++j, kr += slot_stride) {
+          load_row(kr, row.data(), heads * D);
+          for (int64_t qh = 0; qh < QH; ++qh)
+            scores[qh * L + t0 + j] = dot(qf.data() + qh * D, row.data() + (qh / G) * D, D);
+        }
+      }
+      for (int64_t qh = 0; qh < QH; ++qh) {
+        float* sq = scores.data() + qh * L;
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < L; ++t) m = std::max(m, sq[t]);
+        inv_sum[qh] = 1.f / exp_sub_sum(sq, L, m);
+      }
+      // Output: the probability-weighted sum of V rows, each row converted once.
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t0 = 0; t0 < L; t0 += block_size) {
+        const T* vr = v + table[t0 / block_size] * block_size * slot_stride + h0 * D;
+        const int64_t n = std::min(block_size, L - t0);
+        for (int64_t j = 0; j < n; ++j, vr += slot_stride) {
+          load_row(vr, row.data(), heads * D);
+          for (int64_t qh = 0; qh < QH; ++qh)
+            axpy(scores[qh * L + t0 + j], row.data() + (qh / G) * D, acc.data() + qh * D, D);
+        }
+      }
+      T* ob = out + (b * Hkv + h0) * G * D;
+      for (int64_t qh = 0; qh < QH; ++qh)
+        for (int64_t d = 0; d < D; ++d) ob[qh * D + d] = static_cast<T>(acc[qh * D + d] * inv_sum[qh]);
+    }
+  });
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+// bfloat16 cache, head size D and group size G known at compile time: a head's G queries stay
+// in registers as bf16 pairs, scores come from AVX512-BF16 dot products straight off the cache
+// rows (no conversion), and the G x D output accumulators stay in registers over the V pass.
+// The cache is far bigger than the caches and blocks are scattered: while one block is being
+// read, the same row of the next block is requested, so memory latency overlaps the math.
+template <int D>
+inline void prefetch_row(const uint16_t* base, int64_t offset) {
+  if (base == nullptr) return;
+  const char* row = reinterpret_cast<const char*>(base + offset);
+  for (int line = 0; line < D * 2; line += 64) _mm_prefetch(row + line, _MM_HINT_T0);
+}
+
+template <int D, int G>
+void decode_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, const int64_t* tables,
+                 const int64_t* lens, c10::BFloat16* out, int64_t B, int64_t Hkv, int64_t max_blocks,
+                 int64_t block_size, float scale) {
+  constexpr int P = D / 32;  // zmm of bf16 pairs per row
+  constexpr int V = D / 16;  // zmm of float32 per row
+  const int64_t slot_stride = Hkv * D;
+  const int64_t heads = B >= 4 * at::get_num_threads() ? Hkv : 1;
+  const int64_t tasks_per_seq = Hkv / heads;
+  at::parallel_for(0, B * tasks_per_seq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / tasks_per_seq, h0 = (task % tasks_per_seq) * heads;
+      const int64_t L = lens[b];
+      const int64_t* table = tables + b * max_blocks;
+      scores.resize(G * L);
+      for (int64_t h = h0; h < h0 + heads; ++h) {
+        __m512bh qv[G][P];
+        for (int g = 0; g < G; ++g)
+          for (int p = 0; p < P; ++p)
+            qv[g][p] = (__m512bh)_mm512_loadu_si512(q + ((b * Hkv + h) * G + g) * D + p * 32);
+        for (int64_t t0 = 0; t0 < L; t0 += block_size) {
+          const uint16_t* kr = k + table[t0 / block_size] * block_size * slot_stride + h * D;
+          const uint16_t* next = t0 + block_size < L
+              ? k + table[t0 / block_size + 1] * block_size * slot_stride + h * D : nullptr;
+          const int64_t n = std::min(block_size, L - t0);
+          for (int64_t j = 0; j < n; ++j, kr += slot_stride) {
+            prefetch_row<D>(next, j * slot_stride);
+            __m512bh kv[P];
+            for (int p = 0; p < P; ++p) kv[p] = (__m512bh)_mm512_loadu_si512(kr + p * 32);
+            for (int g = 0; g < G; ++g) {
+              __m512 a = _mm512_setzero_ps();
+              for (int p = 0; p < P; ++p) a = _mm512_dpbf16_ps(a, qv[g][p], kv[p]);
+              scores[g * L + t0 + j] = _mm512_reduce_add_ps(a) * scale;
+            }
+          }
+        }
+        float inv_sum[G];
+        for (int g = 0; g < G; ++g) {
+          float* sg = scores.data() + g * L;
+          float m = -std::numeric_limits<float>::infinity();
+          for (int64_t t = 0; t < L; ++t) m = std::max(m, sg[t]);
+          inv_sum[g] = 1.f / exp_sub_sum(sg, L, m);
+        }
+        __m512 acc[G][V];
+        for (int g = 0; g < G; ++g)
+          for (int i = 0; i < V; ++i) acc[g][i] = _mm512_setzero_ps();
+        for (int64_t t0 = 0; t0 < L; t0 += block_size) {
+          const uint16_t* vr = v + table[t0 / block_size] * block_size * slot_stride + h * D;
+          const uint16_t* next = t0 + block_size < L
+              ? v + table[t0 / block_size + 1] * block_size * slot_stride + h * D : nullptr;
+          const int64_t n = std::min(block_size, L - t0);
+          for (int64_t j = 0; j < n; ++j, vr += slot_stride) {
+            prefetch_row<D>(next, j * slot_stride);
+            __m512 vf[V];
+            for (int i = 0; i < V; ++i)
+              vf[i] = _mm512_castsi512_ps(_mm512_slli_epi32(
+                  _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vr + i * 16))), 16));
+            for (int g = 0; g < G; ++g) {
+              const __m512 pv = _mm512_set1_ps(scores[g * L + t0 + j]);
+              for (int i = 0; i < V; ++i) acc[g][i] = _mm512_fmadd_ps(pv, vf[i], acc[g][i]);
+            }
+          }
+        }
+        for (int g = 0; g < G; ++g) {
+          alignas(64) float o[D];
+          const __m512 iv = _mm512_set1_ps(inv_sum[g]);
+          for (int i = 0; i < V; ++i) _mm512_store_ps(o + i * 16, _mm512_mul_ps(acc[g][i], iv));
+          c10::BFloat16* ob = out + ((b * Hkv + h) * G + g) * D;
+          for (int d = 0; d < D; ++d) ob[d] = static_cast<c10::BFloat16>(o[d]);
+        }
+      }
+    }
+  });
+}
+
+using FastKernel = void (*)(const uint16_t*, const uint16_t*, const uint16_t*, const int64_t*, const int64_t*,
+                            c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, float);
+
+FastKernel fast_kernel(int64_t D, int64_t G) {
+#define KILN_CASE(d, g) \
+  if (D == d && G == g) return &decode_bf16<d, g>;
+  KILN_CASE(64, 1) KILN_CASE(64, 2) KILN_CASE(64, 3) KILN_CASE(64, 4) KILN_CASE(64, 5) KILN_CASE(64, 6)
+  KILN_CASE(64, 7) KILN_CASE(64, 8) KILN_CASE(128, 1) KILN_CASE(128, 2) KILN_CASE(128, 3) KILN_CASE(128, 4)
+  KILN_CASE(128, 5) KILN_CASE(128, 6) KILN_CASE(128, 7) KILN_CASE(128, 8)
+#undef KILN_CASE
+  return nullptr;
+}
+#endif
+
+// q [B, Hkv, G, D]; k_cache, v_cache [slots, Hkv, D]; block_tables [B, max_blocks] int64;
+// context_lens [B] int64 (each >= 1). Returns [B, Hkv, G, D] in q's dtype.
+at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                        const at::Tensor& block_tables, const at::Tensor& context_lens,
+                        int64_t block_size, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 3 && v_cache.dim() == 3, "paged_decode: bad ranks");
+  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "paged_decode: q and the caches must be contiguous");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
+              "paged_decode: q and the caches must share a dtype");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong &&
+                  block_tables.is_contiguous() && context_lens.is_contiguous(),
+              "paged_decode: block tables and lengths must be contiguous int64");
+  const int64_t B = q.size(0), Hkv = q.size(1), G = q.size(2), D = q.size(3);
+  TORCH_CHECK(k_cache.size(1) == Hkv && k_cache.size(2) == D, "paged_decode: cache shape");
+  TORCH_CHECK(block_tables.size(0) == B && context_lens.size(0) == B, "paged_decode: batch size");
+  auto out = at::empty_like(q);
+  if (B == 0) return out;
+  const int64_t max_blocks = block_tables.size(1);
+  if (q.scalar_type() == at::kBFloat16) {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    if (FastKernel fast = fast_kernel(D, G)) {
+      fast(reinterpret_cast<const uint16_t*>(q.const_data_ptr<c10::BFloat16>()),
+           reinterpret_cast<const uint16_t*>(k_cache.const_data_ptr<c10::BFloat16>()),
+           reinterpret_cast<const uint16_t*>(v_cache.const_data_ptr<c10::BFloat16>()),
+           block_tables.const_data_ptr<int64_t>(), context_lens.const_data_ptr<int64_t>(),
+           out.mutable_data_ptr<c10::BFloat16>(), B, Hkv, max_blocks, block_size, static_cast<float>(scale));
+      return out;
+    }
+#endif
+    decode(q.const_data_ptr<c10::BFloat16>(), k_cache.const_data_ptr<c10::BFloat16>(),
+           v_cache.const_data_ptr<c10::BFloat16>(), block_tables.const_data_ptr<int64_t>(),
+           context_lens.const_data_ptr<int64_t>(), out.mutable_data_ptr<c10::BFloat16>(), B, Hkv, G, D,
+           max_blocks, block_size, static_cast<float>(scale));
+  } else {
+    TORCH_CHECK(q.scalar_type() == at::kFloat, "paged_decode: float32 or bfloat16 only");
+    decode(q.const_data_ptr<float>(), k_cache.const_data_ptr<float>(), v_cache.const_data_ptr<float>(),
+           block_tables.const_data_ptr<int64_t>(), context_lens.const_data_ptr<int64_t>(),
+           out.mutable_data_ptr<float>(), B, Hkv, G, D, max_blocks, block_size, static_cast<float>(scale));
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(kiln_cpu, m) {
+  m.def("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor context_lens, int block_size, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kiln_cpu, CPU, m) { m.impl("paged_decode", &paged_decode); }

@@ -1,0 +1,79 @@
+"""kiln's C++ decode attention for the CPU (cpu/paged_decode.cpp), built once per machine.
+
+torch.utils.cpp_extension compiles it with the host's own instruction set (-march=native)
+into a folder keyed by the source, torch's version and the CPU's flags, so a cache copied to
+another kind of CPU is never loaded there. Building needs a C++ compiler and ninja; without
+them (or on any build error) `load()` returns None and the caller keeps its pure-torch path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu") / "paged_decode.cpp"
+_lock = threading.Lock()
+_loaded: dict[Path, bool] = {}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def build_dir(cache_root: Path) -> Path:
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode()
+    ).hexdigest()[:16]
+    return cache_root / "cpu-kernels" / key
+
+
+def load(cache_root: Path) -> bool:
+    """Build (first time) and load the kernel; True when torch.ops.kiln_cpu.paged_decode works."""
+    if os.environ.get("KILN_CPU_KERNELS", "1") == "0":
+        return False
+    folder = build_dir(cache_root)
+    with _lock:
+        if folder in _loaded:
+            return _loaded[folder]
+        ok = False
+        if hasattr(torch.ops, "kiln_cpu") and hasattr(torch.ops.kiln_cpu, "paged_decode"):
+            ok = True  # already registered in this process (another cache root)
+        else:
+            try:
+                from torch.utils import cpp_extension
+
+                folder.mkdir(parents=True, exist_ok=True)
+                if not (folder / "kiln_cpu_kernels.so").exists():
+                    log.info("building kiln's CPU decode-attention kernel once into %s (about a minute)", folder)
+                cpp_extension.load(
+                    name="kiln_cpu_kernels", sources=[str(SOURCE)], build_directory=str(folder),
+                    extra_cflags=["-O3", "-march=native", "-fopenmp", "-DNDEBUG"],
+                    is_python_module=False, verbose=False,
+                )
+                ok = True
+            except Exception as exc:  # no compiler, no ninja, a build error: keep the torch path
+                log.warning("kiln's CPU decode-attention kernel is unavailable (%s); using the "
+                            "gather + SDPA path", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        _loaded[folder] = ok
+        return ok
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 context_lens: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+    """q [B, Hkv, G, D]; caches [slots, Hkv, D]; tables [B, blocks] and lens [B] int64."""
+    return torch.ops.kiln_cpu.paged_decode(q, k_cache, v_cache, block_tables, context_lens, block_size, scale)
