@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kiln.kernels import cpu_decode
+from kiln.kernels import cpu_ops
 from kiln.runtime.backends.base import AttentionMetadata, PrefillSlice
 from kiln.runtime.backends.cpu import CpuBackend
 from kiln.runtime.models.loader import cache_dir
@@ -41,7 +41,7 @@ def decode_reference(q, k_cache, v_cache, tables, lens, scale) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def kernel_built() -> bool:
-    built = cpu_decode.load(cache_dir())
+    built = cpu_ops.load(cache_dir())
     # The test machines have a compiler: the kernel must build there, not silently fall back.
     assert built, "kiln's C++ decode kernel did not build (see the warning in the log)"
     return built
@@ -71,7 +71,7 @@ def test_paged_decode_kernel_matches_float64_reference(kernel_built, dtype, B, H
     (unspecialised) loop, G=7 with D=64 is Qwen2-0.5B's shape, G=4 with D=128 Llama-3-8B's."""
     q, k, v, tables, lens = _decode_case(B, Hkv, G, D, dtype)
     scale = D ** -0.5
-    got = cpu_decode.paged_decode(q.view(B, Hkv, G, D), k, v, tables, lens, BS, scale)
+    got = cpu_ops.paged_decode(q.view(B, Hkv, G, D), k, v, tables, lens, BS, scale)
     assert got.dtype == dtype and got.shape == (B, Hkv, G, D)
     ref = decode_reference(q, k, v, tables, lens, scale)
     err = (got.view(B, Hkv * G, D).double() - ref).abs().max().item()
@@ -82,9 +82,9 @@ def test_paged_decode_kernel_matches_float64_reference(kernel_built, dtype, B, H
 def test_paged_decode_kernel_refuses_bad_inputs(kernel_built):
     q, k, v, tables, lens = _decode_case(2, 3, 3, 64, torch.float32)
     with pytest.raises(RuntimeError, match="share a dtype"):
-        cpu_decode.paged_decode(q.view(2, 3, 3, 64), k.bfloat16(), v.bfloat16(), tables, lens, BS, 0.1)
+        cpu_ops.paged_decode(q.view(2, 3, 3, 64), k.bfloat16(), v.bfloat16(), tables, lens, BS, 0.1)
     with pytest.raises(RuntimeError, match="int64"):
-        cpu_decode.paged_decode(q.view(2, 3, 3, 64), k, v, tables.int(), lens, BS, 0.1)
+        cpu_ops.paged_decode(q.view(2, 3, 3, 64), k, v, tables.int(), lens, BS, 0.1)
 
 
 def _backend(dtype: torch.dtype, H: int = 9, Hkv: int = 3, D: int = 64, num_blocks: int = 64) -> CpuBackend:
@@ -138,3 +138,85 @@ def test_backend_decode_and_prefill_match_references(kernel_built, kernel, dtype
         ref = reference(q[p.query_start:p.query_start + p.query_len], kc, vc, p.block_ids, p.context_len, scale)
         err = (out[p.query_start:p.query_start + p.query_len] - ref).abs().max().item()
         assert err < tol, (p.query_len, p.context_len, err)
+
+
+# -- the fused elementwise ops (kiln/kernels/cpu/fused.cpp) ------------------------------------
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}  # relative to max |ref|
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert got.dtype == dtype and got.shape == ref.shape
+    err = (got.double() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-12)
+    assert err < TOL[dtype], err
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,H", [(1, 576), (37, 576), (5, 100)])
+def test_fused_rms_norm_matches_float64(kernel_built, dtype, N, H):
+    g = torch.Generator().manual_seed(N + H)
+    wide = torch.randn(N, H + 24, generator=g).to(dtype)
+    x = wide[:, 7:7 + H]  # a strided view, as a row slice of a larger activation
+    w = torch.randn(H, generator=g).to(dtype)
+    ref = torch.nn.functional.rms_norm(x.double(), (H,), w.double(), 1e-5)
+    _close(cpu_ops.rms_norm(x, w, 1e-5), ref, dtype)
+
+
+def _rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.double().chunk(2, dim=-1)
+    c, s = cos.double().unsqueeze(1), sin.double().unsqueeze(1)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,Hq,Hk,D", [(1, 9, 3, 64), (45, 9, 3, 64), (6, 4, 2, 80), (3, 2, 1, 128)])
+def test_fused_rope_matches_float64(kernel_built, dtype, T, Hq, Hk, D):
+    """q and k are views into one fused qkv row, as the model hands them over."""
+    from kiln.runtime.models.layers import RotaryEmbedding
+
+    g = torch.Generator().manual_seed(T * D)
+    rope = RotaryEmbedding(D, 4096, 10000.0)
+    qkv = torch.randn(T, (Hq + 2 * Hk) * D, generator=g).to(dtype)
+    q = qkv[:, :Hq * D].view(T, Hq, D)
+    k = qkv[:, Hq * D:(Hq + Hk) * D].view(T, Hk, D)
+    positions = torch.randint(0, 4096, (T,), generator=g)
+    qo, ko = cpu_ops.rope(q, k, positions, rope.cos, rope.sin)
+    assert qo.is_contiguous() and ko.is_contiguous()
+    cos, sin = rope.cos[positions], rope.sin[positions]
+    _close(qo, _rope_ref(q, cos, sin), dtype)
+    _close(ko, _rope_ref(k, cos, sin), dtype)
+    with pytest.raises(RuntimeError, match="outside the table"):
+        cpu_ops.rope(q, k, torch.full((T,), 4096), rope.cos, rope.sin)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,I", [(1, 1536), (33, 1536), (4, 100)])
+def test_fused_silu_and_mul_matches_float64(kernel_built, dtype, T, I):
+    g = torch.Generator().manual_seed(T + I)
+    gate_up = (4 * torch.randn(T, 2 * I, generator=g)).to(dtype)
+    gate_up[0, :4] = torch.tensor([-100.0, -30.0, 30.0, 0.0])  # the far tails of silu
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    _close(cpu_ops.silu_and_mul(gate_up), torch.nn.functional.silu(gate) * up, dtype)
+
+
+def test_prepare_model_swaps_in_the_fused_layers(kernel_built):
+    """The default model's logits with the fused layers equal those of the plain torch
+    layers (float32), and the swap really happened."""
+    from kiln.runtime.backends.cpu import FusedMLP, FusedRMSNorm, FusedRotaryEmbedding
+    from kiln.runtime.models.llama import LlamaForCausalLM
+    from kiln.runtime.models.loader import resolve_model
+
+    model = LlamaForCausalLM.from_folder(resolve_model("default"), torch.float32, max_positions=256)
+    cfg = model.config
+    n = 21
+    meta = AttentionMetadata(torch.arange(n), 0, torch.zeros(0, dtype=torch.long),
+                             torch.zeros(0, 0, dtype=torch.long), [PrefillSlice(0, n, n, torch.arange(2))])
+    ids = torch.randint(0, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(1))
+    plain = CpuBackend(cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 4, BS, torch.float32)
+    want = model(ids, torch.arange(n), plain, plain.prepare(meta), torch.arange(n))
+    fused = CpuBackend(cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 4, BS, torch.float32)
+    fused.prepare_model(model)
+    assert type(model.rope) is FusedRotaryEmbedding and type(model.norm) is FusedRMSNorm
+    assert all(type(layer.mlp) is FusedMLP for layer in model.layers)
+    got = model(ids, torch.arange(n), fused, fused.prepare(meta), torch.arange(n))
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())

@@ -3,7 +3,7 @@
 //
 // One task per sequence (or per (sequence, KV head) for small batches): the G query heads of a
 // GQA group share each K/V row read from memory. Scores and the running output are float32 whatever the cache dtype.
-// Built at run time by kiln/kernels/cpu_decode.py (torch.utils.cpp_extension); registered as
+// Built at run time by kiln/kernels/cpu_ops.py (torch.utils.cpp_extension); registered as
 // torch.ops.kiln_cpu.paged_decode.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -16,9 +16,7 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "vec.h"
 
 namespace {
 
@@ -57,28 +55,15 @@ inline float dot(const float* a, const float* b, int64_t D) {
   return s;
 }
 
-// exp(x - m) over a row of scores, in place; returns their sum. AVX-512: a degree-6
-// polynomial after range reduction (Cephes' expf coefficients, ~1 ulp), 2^n by scalef.
+// exp(x - m) over a row of scores, in place; returns their sum.
 inline float exp_sub_sum(float* s, int64_t L, float m) {
   int64_t t = 0;
   float sum = 0.f;
 #if defined(__AVX512F__)
-  const __m512 mv = _mm512_set1_ps(m), lo = _mm512_set1_ps(-88.f);
+  const __m512 mv = _mm512_set1_ps(m);
   __m512 acc = _mm512_setzero_ps();
   for (; t + 16 <= L; t += 16) {
-    __m512 x = _mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(s + t), mv), lo);
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
-    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
-    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
-    y = _mm512_scalef_ps(y, n);
+    const __m512 y = kiln::exp512(_mm512_sub_ps(_mm512_loadu_ps(s + t), mv));
     _mm512_storeu_ps(s + t, y);
     acc = _mm512_add_ps(acc, y);
   }

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ...kernels import cpu_decode
+from ...kernels import cpu_ops
+from ..models.layers import RMSNorm, RotaryEmbedding
+from ..models.llama import MLP, reduce_row_parallel
 from .base import AttentionMetadata
 
 
@@ -68,21 +70,28 @@ class CpuBackend:
         self.scale = head_dim ** -0.5
         # [layer, k|v, slot, kv head, head dim]; pages are touched lazily by the OS.
         self.kv = torch.zeros(num_layers, 2, num_blocks * block_size, num_kv_heads, head_dim, dtype=dtype)
-        self.paged_decode = False
-        if dtype in (torch.float32, torch.bfloat16):
-            from ..models.loader import cache_dir
+        from ..models.loader import cache_dir
 
-            self.paged_decode = cpu_decode.load(cache_dir())
+        self.kernels = cpu_ops.load(cache_dir())  # False: no compiler here; pure-torch paths
+        self.paged_decode = self.kernels and dtype in (torch.float32, torch.bfloat16)
 
     def prepare_model(self, model: torch.nn.Module) -> None:
-        """Prepack float32 and bfloat16 linear weights for oneDNN where it is available."""
+        """Prepack float32 and bfloat16 linear weights for oneDNN where it is available, and
+        swap in the fused C++ RMSNorm, RoPE and SwiGLU where kiln's CPU kernels built."""
         from ..models.layers import Linear
 
-        if not torch.backends.mkldnn.is_available():
-            return
         for module in model.modules():
-            if isinstance(module, Linear) and module.weight is not None and module.weight.dtype in _PACKABLE:
+            if (torch.backends.mkldnn.is_available() and isinstance(module, Linear)
+                    and module.weight is not None and module.weight.dtype in _PACKABLE):
                 module.pack_mkldnn()
+            elif self.kernels and type(module) is RMSNorm:
+                module.__class__ = FusedRMSNorm
+            elif self.kernels and type(module) is MLP:
+                module.__class__ = FusedMLP
+        rope = getattr(model, "rope", None)
+        if self.kernels and type(rope) is RotaryEmbedding:
+            rope.__class__ = FusedRotaryEmbedding
+            rope.cos, rope.sin = rope.cos.float().contiguous(), rope.sin.float().contiguous()
 
     def prepare(self, meta: AttentionMetadata) -> CpuStepState:
         """Work shared by all layers of a step: gather indices and masks."""
@@ -134,7 +143,7 @@ class CpuBackend:
         v_blocks = v_cache.view(-1, bs * Hkv * D)
         if state.decode_tables is not None:
             nd = state.num_decode
-            out[:nd] = cpu_decode.paged_decode(
+            out[:nd] = cpu_ops.paged_decode(
                 q[:nd].reshape(nd, Hkv, G, D), k_cache, v_cache, state.decode_tables, state.decode_lens,
                 bs, self.scale,
             )
@@ -187,3 +196,22 @@ def _causal_group_mask(n: int, group: int) -> torch.Tensor:
             _mask_cache.clear()
         _mask_cache[key] = mask
     return mask
+
+
+# The model's elementwise layers, each one C++ op (kiln/kernels/cpu/fused.cpp) instead of
+# several torch ops: the class is swapped in place by CpuBackend.prepare_model, weights kept.
+class FusedRMSNorm(RMSNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.stride(-1) != 1 or x.dtype != self.weight.dtype:
+            return super().forward(x)
+        return cpu_ops.rms_norm(x, self.weight, self.eps)
+
+
+class FusedRotaryEmbedding(RotaryEmbedding):
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return cpu_ops.rope(q, k, positions, self.cos, self.sin)
+
+
+class FusedMLP(MLP):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return reduce_row_parallel(self.tp, self.down_proj(cpu_ops.silu_and_mul(self.gate_up_proj(x))))

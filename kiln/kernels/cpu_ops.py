@@ -1,4 +1,5 @@
-"""kiln's C++ decode attention for the CPU (cpu/paged_decode.cpp), built once per machine.
+"""kiln's C++ kernels for the CPU, built once per machine: decode attention over the paged
+cache (cpu/paged_decode.cpp) and the fused RMSNorm, RoPE and SwiGLU (cpu/fused.cpp).
 
 torch.utils.cpp_extension compiles it with the host's own instruction set (-march=native)
 into a folder keyed by the source, torch's version and the CPU's flags, so a cache copied to
@@ -18,7 +19,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu") / "paged_decode.cpp"
+_DIR = Path(__file__).with_name("cpu")
+SOURCES = (_DIR / "paged_decode.cpp", _DIR / "fused.cpp")
+_HEADERS = (_DIR / "vec.h",)
 _lock = threading.Lock()
 _loaded: dict[Path, bool] = {}
 
@@ -37,13 +40,13 @@ def _cpu_flags() -> str:
 
 def build_dir(cache_root: Path) -> Path:
     key = hashlib.sha256(
-        SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode()
+        b"".join(p.read_bytes() for p in SOURCES + _HEADERS) + torch.__version__.encode() + _cpu_flags().encode()
     ).hexdigest()[:16]
     return cache_root / "cpu-kernels" / key
 
 
 def load(cache_root: Path) -> bool:
-    """Build (first time) and load the kernel; True when torch.ops.kiln_cpu.paged_decode works."""
+    """Build (first time) and load the kernels; True when torch.ops.kiln_cpu.* work."""
     if os.environ.get("KILN_CPU_KERNELS", "1") == "0":
         return False
     folder = build_dir(cache_root)
@@ -59,16 +62,16 @@ def load(cache_root: Path) -> bool:
 
                 folder.mkdir(parents=True, exist_ok=True)
                 if not (folder / "kiln_cpu_kernels.so").exists():
-                    log.info("building kiln's CPU decode-attention kernel once into %s (about a minute)", folder)
+                    log.info("building kiln's CPU kernels once into %s (about 15 s)", folder)
                 cpp_extension.load(
-                    name="kiln_cpu_kernels", sources=[str(SOURCE)], build_directory=str(folder),
+                    name="kiln_cpu_kernels", sources=[str(p) for p in SOURCES], build_directory=str(folder),
                     extra_cflags=["-O3", "-march=native", "-fopenmp", "-DNDEBUG"],
                     is_python_module=False, verbose=False,
                 )
                 ok = True
             except Exception as exc:  # no compiler, no ninja, a build error: keep the torch path
-                log.warning("kiln's CPU decode-attention kernel is unavailable (%s); using the "
-                            "gather + SDPA path", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                log.warning("kiln's CPU kernels are unavailable (%s); using the pure-torch paths",
+                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         _loaded[folder] = ok
         return ok
 
@@ -77,3 +80,19 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                  context_lens: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
     """q [B, Hkv, G, D]; caches [slots, Hkv, D]; tables [B, blocks] and lens [B] int64."""
     return torch.ops.kiln_cpu.paged_decode(q, k_cache, v_cache, block_tables, context_lens, block_size, scale)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [N, H] (unit inner stride) -> x * rsqrt(mean(x^2) + eps) * weight, in float32 inside."""
+    return torch.ops.kiln_cpu.rms_norm(x, weight, eps)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+         sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half RoPE of q [T, Hq, D] and k [T, Hk, D]; cos/sin float32 [positions, D/2]."""
+    return torch.ops.kiln_cpu.rope(q, k, positions, cos, sin)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2I] -> silu(gate) * up [T, I]."""
+    return torch.ops.kiln_cpu.silu_and_mul(gate_up)
