@@ -225,7 +225,7 @@ def sample(logits: Tensor, rows: Sequence[SamplerRow]) -> SamplerOutput:
         if p.logprobs is not None:
             any_lp = True
     if all_greedy and not any_pen and not any_lp:  # hot path (also n == 0)
-        return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * n)
+        return SamplerOutput(_argmax(logits).tolist(), [None] * n)
 
     device = logits.device
     raw = logits.float()
@@ -235,7 +235,7 @@ def sample(logits: Tensor, rows: Sequence[SamplerRow]) -> SamplerOutput:
     if len(s_idx) == n:
         tokens = _sample_rows(x, rows)
     else:
-        tokens = x.argmax(dim=-1)  # greedy rows: argmax of the penalized logits
+        tokens = _argmax(x)  # greedy rows: argmax of the penalized logits
         if s_idx:
             s_t = torch.tensor(s_idx, device=device)
             tokens[s_t] = _sample_rows(x[s_t], [rows[i] for i in s_idx])
@@ -295,4 +295,10 @@ def _sample_rows(xs: Tensor, rows: Sequence[SamplerRow]) -> Tensor:
         q[j].exponential_(generator=gen)
     # Guard against E == 0 (0/0 = NaN would win the argmax).
     q.clamp_(min=torch.finfo(q.dtype).tiny)
-    return probs.div_(q).argmax(dim=-1)
+    return _argmax(probs.div_(q))
+
+
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """Row argmax (first index of the maximum, as argmax). On the CPU torch's max(dim) is ~2.5x
+    faster than argmax over a vocabulary-wide row (32 x 49152: 0.4 vs 1.1 ms on 2 threads)."""
+    return x.max(dim=-1).indices if x.device.type == "cpu" else x.argmax(dim=-1)
