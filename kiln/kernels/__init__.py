@@ -1,1 +1,2 @@
-"""Triton kernels and their plain-torch references (imports only torch and triton)."""
+"""Triton kernels and their plain-torch references, and the CPU's C++ kernels (cpu/, built by
+cpu_ops.py). Imports only torch and triton."""
