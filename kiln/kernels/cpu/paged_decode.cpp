@@ -31,15 +31,28 @@ inline void load_row(const c10::BFloat16* src, float* dst, int64_t D) {
   const uint16_t* raw = reinterpret_cast<const uint16_t*>(src);
   int64_t d = 0;
 #if defined(__AVX512F__)
-  for (; d + 16 <= D; d += 16) {
-    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(raw + d));
-    __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
-    _mm512_storeu_ps(dst + d, _mm512_castsi512_ps(w));
-  }
+  for (; d + 16 <= D; d += 16) _mm512_storeu_ps(dst + d, kiln::bf16x16_to_f32(raw + d));
 #endif
   for (; d < D; ++d) {
     uint32_t bits = static_cast<uint32_t>(raw[d]) << 16;
     std::memcpy(dst + d, &bits, sizeof(float));
+  }
+}
+
+// Visits every cached position t < L of one sequence, block by block (no division per token:
+// a block's slots are consecutive): visit(row, t, next) with `row` the position's cache row at
+// `offset`, and `next` the same row of the following block (nullptr in the last block), for
+// prefetching.
+template <typename T, typename Visit>
+inline void for_each_row(const T* cache, const int64_t* table, int64_t L, int64_t block_size,
+                         int64_t slot_stride, int64_t offset, Visit&& visit) {
+  for (int64_t t0 = 0; t0 < L; t0 += block_size) {
+    const int64_t blk = t0 / block_size;
+    const T* row = cache + table[blk] * block_size * slot_stride + offset;
+    const T* next = t0 + block_size < L ? cache + table[blk + 1] * block_size * slot_stride + offset : nullptr;
+    const int64_t n = std::min(block_size, L - t0);
+    for (int64_t j = 0; j < n; ++j, row += slot_stride)
+      visit(row, t0 + j, next == nullptr ? nullptr : next + j * slot_stride);
   }
 }
 
@@ -106,16 +119,11 @@ void decode(const T* q, const T* k, const T* v, const int64_t* tables, const int
       for (int64_t i = 0; i < QH * D; ++i) qf[i] = to_float(qb[i]) * scale;
       scores.resize(QH * L);
       // Scores: q . k for every cached position; each K row converted once for its G queries.
-      // Block by block (no division per token): a block's slots are consecutive.
-      for (int64_t t0 = 0; t0 < L; t0 += block_size) {
-        const T* kr = k + table[t0 / block_size] * block_size * slot_stride + h0 * D;
-        const int64_t n = std::min(block_size, L - t0);
-        for (int64_t j = 0; j < n; ++j, kr += slot_stride) {
-          load_row(kr, row.data(), heads * D);
-          for (int64_t qh = 0; qh < QH; ++qh)
-            scores[qh * L + t0 + j] = dot(qf.data() + qh * D, row.data() + (qh / G) * D, D);
-        }
-      }
+      for_each_row(k, table, L, block_size, slot_stride, h0 * D, [&](const T* kr, int64_t t, const T*) {
+        load_row(kr, row.data(), heads * D);
+        for (int64_t qh = 0; qh < QH; ++qh)
+          scores[qh * L + t] = dot(qf.data() + qh * D, row.data() + (qh / G) * D, D);
+      });
       for (int64_t qh = 0; qh < QH; ++qh) {
         float* sq = scores.data() + qh * L;
         float m = -std::numeric_limits<float>::infinity();
@@ -124,15 +132,11 @@ void decode(const T* q, const T* k, const T* v, const int64_t* tables, const int
       }
       // Output: the probability-weighted sum of V rows, each row converted once.
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t0 = 0; t0 < L; t0 += block_size) {
-        const T* vr = v + table[t0 / block_size] * block_size * slot_stride + h0 * D;
-        const int64_t n = std::min(block_size, L - t0);
-        for (int64_t j = 0; j < n; ++j, vr += slot_stride) {
-          load_row(vr, row.data(), heads * D);
-          for (int64_t qh = 0; qh < QH; ++qh)
-            axpy(scores[qh * L + t0 + j], row.data() + (qh / G) * D, acc.data() + qh * D, D);
-        }
-      }
+      for_each_row(v, table, L, block_size, slot_stride, h0 * D, [&](const T* vr, int64_t t, const T*) {
+        load_row(vr, row.data(), heads * D);
+        for (int64_t qh = 0; qh < QH; ++qh)
+          axpy(scores[qh * L + t], row.data() + (qh / G) * D, acc.data() + qh * D, D);
+      });
       T* ob = out + (b * Hkv + h0) * G * D;
       for (int64_t qh = 0; qh < QH; ++qh)
         for (int64_t d = 0; d < D; ++d) ob[qh * D + d] = static_cast<T>(acc[qh * D + d] * inv_sum[qh]);
@@ -147,9 +151,9 @@ void decode(const T* q, const T* k, const T* v, const int64_t* tables, const int
 // The cache is far bigger than the caches and blocks are scattered: while one block is being
 // read, the same row of the next block is requested, so memory latency overlaps the math.
 template <int D>
-inline void prefetch_row(const uint16_t* base, int64_t offset) {
-  if (base == nullptr) return;
-  const char* row = reinterpret_cast<const char*>(base + offset);
+inline void prefetch_row(const uint16_t* next) {
+  if (next == nullptr) return;
+  const char* row = reinterpret_cast<const char*>(next);
   for (int line = 0; line < D * 2; line += 64) _mm_prefetch(row + line, _MM_HINT_T0);
 }
 
@@ -174,22 +178,16 @@ void decode_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, const 
         for (int g = 0; g < G; ++g)
           for (int p = 0; p < P; ++p)
             qv[g][p] = (__m512bh)_mm512_loadu_si512(q + ((b * Hkv + h) * G + g) * D + p * 32);
-        for (int64_t t0 = 0; t0 < L; t0 += block_size) {
-          const uint16_t* kr = k + table[t0 / block_size] * block_size * slot_stride + h * D;
-          const uint16_t* next = t0 + block_size < L
-              ? k + table[t0 / block_size + 1] * block_size * slot_stride + h * D : nullptr;
-          const int64_t n = std::min(block_size, L - t0);
-          for (int64_t j = 0; j < n; ++j, kr += slot_stride) {
-            prefetch_row<D>(next, j * slot_stride);
-            __m512bh kv[P];
-            for (int p = 0; p < P; ++p) kv[p] = (__m512bh)_mm512_loadu_si512(kr + p * 32);
-            for (int g = 0; g < G; ++g) {
-              __m512 a = _mm512_setzero_ps();
-              for (int p = 0; p < P; ++p) a = _mm512_dpbf16_ps(a, qv[g][p], kv[p]);
-              scores[g * L + t0 + j] = _mm512_reduce_add_ps(a) * scale;
-            }
+        for_each_row(k, table, L, block_size, slot_stride, h * D, [&](const uint16_t* kr, int64_t t, const uint16_t* next) {
+          prefetch_row<D>(next);
+          __m512bh kv[P];
+          for (int p = 0; p < P; ++p) kv[p] = (__m512bh)_mm512_loadu_si512(kr + p * 32);
+          for (int g = 0; g < G; ++g) {
+            __m512 a = _mm512_setzero_ps();
+            for (int p = 0; p < P; ++p) a = _mm512_dpbf16_ps(a, qv[g][p], kv[p]);
+            scores[g * L + t] = _mm512_reduce_add_ps(a) * scale;
           }
-        }
+        });
         float inv_sum[G];
         for (int g = 0; g < G; ++g) {
           float* sg = scores.data() + g * L;
@@ -200,29 +198,19 @@ void decode_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, const 
         __m512 acc[G][V];
         for (int g = 0; g < G; ++g)
           for (int i = 0; i < V; ++i) acc[g][i] = _mm512_setzero_ps();
-        for (int64_t t0 = 0; t0 < L; t0 += block_size) {
-          const uint16_t* vr = v + table[t0 / block_size] * block_size * slot_stride + h * D;
-          const uint16_t* next = t0 + block_size < L
-              ? v + table[t0 / block_size + 1] * block_size * slot_stride + h * D : nullptr;
-          const int64_t n = std::min(block_size, L - t0);
-          for (int64_t j = 0; j < n; ++j, vr += slot_stride) {
-            prefetch_row<D>(next, j * slot_stride);
-            __m512 vf[V];
-            for (int i = 0; i < V; ++i)
-              vf[i] = _mm512_castsi512_ps(_mm512_slli_epi32(
-                  _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vr + i * 16))), 16));
-            for (int g = 0; g < G; ++g) {
-              const __m512 pv = _mm512_set1_ps(scores[g * L + t0 + j]);
-              for (int i = 0; i < V; ++i) acc[g][i] = _mm512_fmadd_ps(pv, vf[i], acc[g][i]);
-            }
+        for_each_row(v, table, L, block_size, slot_stride, h * D, [&](const uint16_t* vr, int64_t t, const uint16_t* next) {
+          prefetch_row<D>(next);
+          __m512 vf[V];
+          for (int i = 0; i < V; ++i) vf[i] = kiln::bf16x16_to_f32(vr + i * 16);
+          for (int g = 0; g < G; ++g) {
+            const __m512 pv = _mm512_set1_ps(scores[g * L + t]);
+            for (int i = 0; i < V; ++i) acc[g][i] = _mm512_fmadd_ps(pv, vf[i], acc[g][i]);
           }
-        }
+        });
         for (int g = 0; g < G; ++g) {
-          alignas(64) float o[D];
           const __m512 iv = _mm512_set1_ps(inv_sum[g]);
-          for (int i = 0; i < V; ++i) _mm512_store_ps(o + i * 16, _mm512_mul_ps(acc[g][i], iv));
-          c10::BFloat16* ob = out + ((b * Hkv + h) * G + g) * D;
-          for (int d = 0; d < D; ++d) ob[d] = static_cast<c10::BFloat16>(o[d]);
+          uint16_t* ob = reinterpret_cast<uint16_t*>(out + ((b * Hkv + h) * G + g) * D);
+          for (int i = 0; i < V; ++i) kiln::f32x16_to_bf16(_mm512_mul_ps(acc[g][i], iv), ob + i * 16);
         }
       }
     }
