@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="model dtype [default float32]")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--lora-mode", choices=["loop", "grouped"], help="force a LoRA compute path (A/B; default: the engine's)")
     args = ap.parse_args()
@@ -85,7 +86,8 @@ def main() -> None:
         loras = ",".join(f"r{rank}-{i}={write_adapter(root / f'r{rank}-{i}', cfg, rank, 1000 * rank + i)}"
                          for rank in ranks for i in range(max(counts)))
         engine = Engine(EngineConfig(kv_cache_bytes=2 << 30, max_num_seqs=args.requests, loras=loras,
-                                     max_loras=max(max(counts), 1), lora_cache_bytes=8 << 30))
+                                     max_loras=max(max(counts), 1), lora_cache_bytes=8 << 30,
+                                     dtype=args.dtype))
         if args.lora_mode:
             engine.lora.context.mode = args.lora_mode
         run(engine, [p[:16] for p in prompts[:2]], [], 4)  # warm-up
@@ -101,7 +103,8 @@ def main() -> None:
                     print(f"repeat {repeat + 1}: {key}: {samples[key][-1]:.1f} tokens/s", flush=True)
         results = {key: statistics.median(v) for key, v in samples.items()}
     base = results["base"]
-    print(f"\n{args.requests} concurrent requests, {args.new_tokens} new tokens each (median of {args.repeats})")
+    print(f"\n{args.requests} concurrent requests, {args.new_tokens} new tokens each, {args.dtype} "
+          f"(median of {args.repeats})")
     print("| run | tokens/s | vs base |\n| --- | ---: | ---: |")
     for key, value in results.items():
         print(f"| {key} | {value:.1f} | {value / base:.2f} |")

@@ -1,10 +1,12 @@
 """In-process A/B of the LoRA compute paths on decode steps: one engine, 32 running requests
 over N adapters, and each decode step run with one variant in turn (base model = the LoRA
 term switched off; "loop" = each adapter's rows through its own weights; "grouped" = the
-slot-batched path), so drift from other work on a shared machine hits every variant alike.
+slot-batched path, its decode rows through kiln's C++ kernel where it built; "grouped-torch" =
+the same in torch ops), so drift from other work on a shared machine hits every variant alike.
 Prints the median decode-step forward time per variant and its cost over base.
 
     python bench/lora_step.py --rank 64 --adapters 16 --rounds 12
+    python bench/lora_step.py --dtype bfloat16 --variants base,grouped-torch,grouped
 
 "loop" is the code before the slot-batched path (it is kept as the reference path), so this
 is also a before/after. On a loaded machine use --threads 1: with 2 threads every small op's
@@ -37,6 +39,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--variants", default="base,loop,grouped")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: the engine's default)")
     args = ap.parse_args()
     variants = args.variants.split(",")
@@ -48,19 +51,21 @@ def main() -> None:
                          for i in range(args.adapters))
         engine = Engine(EngineConfig(kv_cache_bytes=2 << 30, max_num_seqs=args.requests, loras=loras,
                                      max_loras=max(args.adapters, 1), lora_cache_bytes=8 << 30,
-                                     num_threads=args.threads or None))
+                                     num_threads=args.threads or None, dtype=args.dtype))
     params = SamplingParams(temperature=0.0, max_tokens=len(variants) * args.rounds + 8, ignore_eos=True)
     for i, prompt in enumerate(prompts):
         engine.add_request(Request(f"r{i}", prompt, params, lora_name=f"a{i % args.adapters}" if args.adapters else None))
     while engine.last_step is None or engine.last_step.num_decode < args.requests:  # prefills
         engine.step()
     context, runner = engine.lora.context, engine.runner
+    kernel = context.cpu_kernel
     times: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(args.rounds + 1):  # the first round warms each path (slot copies) and is dropped
         for v in variants:
             runner.lora_context = None if v == "base" else context
             if v != "base":
-                context.mode = v
+                context.mode = "grouped" if v == "grouped-torch" else v
+                context.cpu_kernel = kernel and v == "grouped"
             engine.step()
             times[v].append(engine.last_step.forward_seconds)
     runner.lora_context = context

@@ -1,5 +1,6 @@
 """kiln's C++ kernels for the CPU, built once per machine: decode attention over the paged
-cache (cpu/paged_decode.cpp) and the fused RMSNorm, RoPE and SwiGLU (cpu/fused.cpp).
+cache (cpu/paged_decode.cpp), the fused RMSNorm, RoPE and SwiGLU (cpu/fused.cpp) and the
+batched LoRA term of decode rows (cpu/lora.cpp).
 
 torch.utils.cpp_extension compiles it with the host's own instruction set (-march=native)
 into a folder keyed by the source, torch's version and the CPU's flags, so a cache copied to
@@ -20,7 +21,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _DIR = Path(__file__).with_name("cpu")
-SOURCES = (_DIR / "paged_decode.cpp", _DIR / "fused.cpp")
+SOURCES = (_DIR / "paged_decode.cpp", _DIR / "fused.cpp", _DIR / "lora.cpp")
 _HEADERS = (_DIR / "vec.h",)
 _lock = threading.Lock()
 _loaded: dict[Path, bool] = {}
@@ -96,3 +97,10 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.T
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[T, 2I] -> silu(gate) * up [T, I]."""
     return torch.ops.kiln_cpu.silu_and_mul(gate_up)
+
+
+def lora_grouped(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor], offsets: list[int],
+                 group_slot: torch.Tensor, group_ptr: torch.Tensor, rows: torch.Tensor) -> None:
+    """y[rows of group g] += (x A_s^T) B_s per part, in place; s = group_slot[g], the rows of group
+    g are rows[group_ptr[g]:group_ptr[g+1]] (distinct). a [S, P*R, K], bs[p] [S, R, N_p]."""
+    torch.ops.kiln_cpu.lora_grouped(x, y, a, bs, offsets, group_slot, group_ptr, rows)

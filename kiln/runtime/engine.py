@@ -160,7 +160,8 @@ class Engine:
         roots = tuple(Path(r.strip()) for r in (config.lora_roots or "").split(",") if r.strip())
         self.lora = LoraManager(self.model, mc, LoraSettings(
             config.max_loras, config.max_lora_rank, config.lora_cache_bytes, roots), dtype,
-            shard=self.tp.plan if self.tp is not None else None)
+            shard=self.tp.plan if self.tp is not None else None,
+            cpu_kernel=bool(getattr(self.backend, "kernels", False)))  # the CPU backend's C++ kernels built
         for name, path in config.startup_loras():
             self.lora.load(name, path, confine=False)  # the operator's own choice at start
         self.pool = BlockPool(num_blocks, config.block_size, enable_prefix_caching)

@@ -232,13 +232,15 @@ class LoraContext:
     (built from that at the first wrapped linear of the step) how the LoRA term is computed.
 
     mode "loop": each adapter's rows through its own fused weights (the reference path);
-    "grouped": adapters with few rows (decodes) batched through slot-stacked weights in torch
-    ops, adapters with many rows (prefills) one by one; "triton": every row through the
-    segmented Triton kernels (CUDA). See lora_slots.py.
+    "grouped": adapters with few rows (decodes) batched through slot-stacked weights, adapters
+    with many rows (prefills) one by one; "triton": every row through the segmented Triton
+    kernels (CUDA). See lora_slots.py. `cpu_kernel`: "grouped" runs its decode rows through
+    kiln's C++ kernel (kiln/kernels/cpu/lora.cpp) instead of torch's gather + bmm + scatter.
     """
 
     def __init__(self, cfg: ModelConfig | None = None, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", max_slots: int = 8, mode: str | None = None) -> None:
+                 device: torch.device | str = "cpu", max_slots: int = 8, mode: str | None = None,
+                 cpu_kernel: bool = False) -> None:
         device = torch.device(device)
         self._segments: list[tuple[Adapter, torch.Tensor | slice]] = []
         self._plan: LoraPlan | None = None
@@ -252,6 +254,7 @@ class LoraContext:
         # "grouped": an adapter with more rows than this runs on its own rows, not padded into
         # the [slots, m] groups of the decode rows.
         self.max_group_rows = 8
+        self.cpu_kernel = cpu_kernel and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
 
     @property
     def segments(self) -> list[tuple[Adapter, torch.Tensor | slice]]:
@@ -292,6 +295,11 @@ class LoraContext:
                  for (_, rows), s in zip(batched, slots) if _num_rows(rows, num_rows) > self.max_group_rows]
         if not small:
             return LoraPlan(single=single, large=large)
+        if self.cpu_kernel:  # each slot's rows as they are: no padding, no gathered copy of x
+            sizes = [_num_rows(rows, num_rows) for rows, _ in small]
+            rows = torch.cat([torch.arange(num_rows)[r] if isinstance(r, slice) else r.long() for r, _ in small])
+            ptr = torch.tensor([0] + list(itertools.accumulate(sizes)), dtype=torch.long)
+            return LoraPlan(single=single, large=large, groups=(torch.tensor([s for _, s in small]), ptr, rows))
         n = max(s for _, s in small) + 1
         m = max(_num_rows(rows, num_rows) for rows, _ in small)
         gather = torch.zeros(n, m, dtype=torch.long)
@@ -333,7 +341,7 @@ class LoraLinear(nn.Module):
             else:
                 rows = rows.to(x.device, non_blocking=True)
                 y.index_add_(0, rows, (x.index_select(0, rows) @ a_t) @ b_t)
-        if plan.num_slots or plan.large:
+        if plan.num_slots or plan.large or plan.groups is not None:
             slots = self.context.slots
             a, bs, parts, R = slots.a[self.key], slots.b[self.key], slots.parts[self.key], slots.rank
             if plan.indices is not None:
@@ -352,7 +360,7 @@ class LoraManager:
     acquires and releases adapters for requests."""
 
     def __init__(self, model: nn.Module, cfg: ModelConfig, settings: LoraSettings, dtype: torch.dtype,
-                 shard: ShardPlan | None = None) -> None:
+                 shard: ShardPlan | None = None, cpu_kernel: bool = False) -> None:
         self.cfg = cfg  # the full model's: adapter files are checked against it
         self.settings = settings
         self.dtype = dtype
@@ -361,7 +369,7 @@ class LoraManager:
         # to this rank's at load, and the slot buffers take this rank's linear shapes.
         self.shard_weights = shard.shard_adapter if shard is not None else None
         local = shard.local_config(cfg) if shard is not None else cfg
-        self.context = LoraContext(local, dtype, self.device, settings.max_loras)
+        self.context = LoraContext(local, dtype, self.device, settings.max_loras, cpu_kernel=cpu_kernel)
         self._adapters: dict[str, Adapter] = {}
         self._lock = threading.Lock()
         self.num_loads = 0

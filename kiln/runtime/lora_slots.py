@@ -14,7 +14,8 @@ R is the largest rank in the batch. A slot stays filled while its adapter's weig
 (a weak reference to them: eviction and unload invalidate it) and is reused least recently
 used first, so a steady batch copies nothing. On the CPU, rows of the slotted adapters are
 padded into [slots, m, in] groups and each linear runs one gather, one bmm for A, one bmm per
-part for B and one scatter-add per part. On CUDA the same buffers feed the segmented Triton
+part for B and one scatter-add per part, or, where kiln's C++ kernels built, one call of
+kiln/kernels/cpu/lora.cpp that reads each slot's weights once for all of its rows. On CUDA the same buffers feed the segmented Triton
 kernels (kiln/kernels/lora.py) through a per-row slot index.
 """
 
@@ -143,6 +144,9 @@ class LoraPlan:
     gather: torch.Tensor | None = None  # [num_slots * m] int64
     mask: torch.Tensor | None = None  # [num_slots, m, 1] or None when nothing is padded
     large: list = field(default_factory=list)  # [(slot, rows)]: slotted adapters with many rows (CPU)
+    # CPU with kiln's C++ kernel: (slot of each group, group_ptr, rows), the rows of group g
+    # being rows[group_ptr[g]:group_ptr[g+1]] (kiln.kernels.cpu_ops.lora_grouped)
+    groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     # CUDA: the Triton kernels' row layout (kiln.kernels.lora.LoraIndices)
     indices: object | None = None
 
@@ -151,7 +155,12 @@ def grouped_lora(x: torch.Tensor, y: torch.Tensor, plan: LoraPlan, a: torch.Tens
                  parts: list[tuple[int, int]], rank: int) -> None:
     """y += the LoRA term of the slotted rows, in torch ops. Grouped slots: one gather, one bmm
     for A, one bmm per part for B, one scatter-add. Slots with many rows: plain matmuls on
-    their rows (a slice for a prefill), B per part, so no block-diagonal zeros are read."""
+    their rows (a slice for a prefill), B per part, so no block-diagonal zeros are read.
+    With plan.groups, the decode rows go through kiln's C++ kernel instead."""
+    if plan.groups is not None:
+        from ..kernels import cpu_ops
+
+        cpu_ops.lora_grouped(x if x.stride(-1) == 1 else x.contiguous(), y, a, bs, [off for off, _ in parts], *plan.groups)
     if plan.num_slots:
         n, m = plan.num_slots, plan.group_rows
         xg = x.index_select(0, plan.gather).view(n, m, -1)

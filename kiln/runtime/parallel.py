@@ -656,7 +656,8 @@ def _worker(rank: int, world: int, port: int, config, model_path: Path, max_mode
         backend.use_graphs = False  # graphs would have to capture the collectives on every rank
     backend.prepare_model(model)
     lora = LoraManager(model, cfg, LoraSettings(config.max_loras, config.max_lora_rank,
-                                                config.lora_cache_bytes), dtype, shard=plan)
+                                                config.lora_cache_bytes), dtype, shard=plan,
+                       cpu_kernel=bool(getattr(backend, "kernels", False)))
     adapters: dict[int, Adapter] = {}
     tables: dict[int, list[int]] = {}
     log.info("tensor parallel rank %d ready: %d heads, %d KV heads, %d KV blocks, %.1f MiB of weights",

@@ -22,22 +22,11 @@
 
 namespace {
 
-inline float load_f(const float* p) { return *p; }
-inline float load_f(const c10::BFloat16* p) { return static_cast<float>(*p); }
-inline float load_f(const c10::Half* p) { return static_cast<float>(*p); }
-inline void store_f(float* p, float x) { *p = x; }
-inline void store_f(c10::BFloat16* p, float x) { *p = static_cast<c10::BFloat16>(x); }
-inline void store_f(c10::Half* p, float x) { *p = static_cast<c10::Half>(x); }
-
+using kiln::load_f;
+using kiln::store_f;
 #if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) { return kiln::bf16x16_to_f32(reinterpret_cast<const uint16_t*>(p)); }
-inline __m512 load16(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
-inline void store16(c10::BFloat16* p, __m512 x) { kiln::f32x16_to_bf16(x, reinterpret_cast<uint16_t*>(p)); }
-inline void store16(c10::Half* p, __m512 x) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
+using kiln::load16;
+using kiln::store16;
 #endif
 
 // out = x * rsqrt(mean(x^2) + eps) * weight, row by row; x [N, H] with unit inner stride.

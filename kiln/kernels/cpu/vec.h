@@ -2,6 +2,9 @@
 // -march=native build has no AVX-512.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cmath>
 #include <cstdint>
 
@@ -46,3 +49,27 @@ inline void f32x16_to_bf16(__m512 x, uint16_t* p) {
 
 }  // namespace kiln
 #endif
+
+namespace kiln {
+
+// One element of a model dtype to and from float32 (the scalar tails of every kernel).
+inline float load_f(const float* p) { return *p; }
+inline float load_f(const c10::BFloat16* p) { return static_cast<float>(*p); }
+inline float load_f(const c10::Half* p) { return static_cast<float>(*p); }
+inline void store_f(float* p, float x) { *p = x; }
+inline void store_f(c10::BFloat16* p, float x) { *p = static_cast<c10::BFloat16>(x); }
+inline void store_f(c10::Half* p, float x) { *p = static_cast<c10::Half>(x); }
+
+#if defined(__AVX512F__)
+// 16 elements of a model dtype to and from float32 lanes.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) { return bf16x16_to_f32(reinterpret_cast<const uint16_t*>(p)); }
+inline __m512 load16(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+inline void store16(c10::BFloat16* p, __m512 x) { f32x16_to_bf16(x, reinterpret_cast<uint16_t*>(p)); }
+inline void store16(c10::Half* p, __m512 x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#endif
+
+}  // namespace kiln
