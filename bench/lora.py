@@ -71,7 +71,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="model dtype [default float32]")
     ap.add_argument("--json", type=Path, help="also write the results here")
-    ap.add_argument("--lora-mode", choices=["loop", "grouped"], help="force a LoRA compute path (A/B; default: the engine's)")
+    ap.add_argument("--lora-mode", choices=["loop", "grouped", "grouped-torch"],
+                    help="force a LoRA compute path (A/B; default: the engine's; grouped-torch: the slot-batched "
+                         "path without kiln's C++ kernel)")
     args = ap.parse_args()
     ranks = [int(r) for r in args.ranks.split(",")]
     counts = [int(c) for c in args.adapters.split(",")]
@@ -89,7 +91,8 @@ def main() -> None:
                                      max_loras=max(max(counts), 1), lora_cache_bytes=8 << 30,
                                      dtype=args.dtype))
         if args.lora_mode:
-            engine.lora.context.mode = args.lora_mode
+            engine.lora.context.mode = "grouped" if args.lora_mode == "grouped-torch" else args.lora_mode
+            engine.lora.context.cpu_kernel &= args.lora_mode == "grouped"
         run(engine, [p[:16] for p in prompts[:2]], [], 4)  # warm-up
         samples: dict[str, list[float]] = {}
         for repeat in range(args.repeats):
