@@ -20,7 +20,10 @@ import random
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -76,6 +79,27 @@ def main() -> None:
         med = statistics.median(times[v][1:])
         extra = f"  {med / base - 1:+.1%} over base" if base else ""
         print(f"{v:>8}: {med * 1e3:7.1f} ms{extra}")
+    if base and args.adapters > 1:
+        print_floor(context.slots, args.adapters, base)
+
+
+def print_floor(slots, adapters: int, base: float) -> None:
+    """The bandwidth floor of the LoRA term: every adapter's A and B are read once per step,
+    so no kernel can take less than their bytes over the machine's read bandwidth."""
+    nbytes = sum(a[:adapters].numel() * a.element_size() for a in slots.a.values())
+    nbytes += sum(t[:adapters].numel() * t.element_size() for bs in slots.b.values() for t in bs)
+    buf = torch.ones((512 << 20) // 4)  # well past the caches
+    best = min(_timed(buf.sum) for _ in range(5))
+    bandwidth = buf.numel() * 4 / best
+    floor = nbytes / bandwidth
+    print(f"   floor: {nbytes / 1e6:.0f} MB of adapter weights a step / {bandwidth / 1e9:.1f} GB/s read bandwidth "
+          f"= {floor * 1e3:.1f} ms, so the LoRA term costs at least {floor / (base + floor):.0%} of decode throughput")
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 if __name__ == "__main__":
