@@ -1,11 +1,12 @@
 """LoRA serving cost: engine throughput at 32 concurrent requests spread over 0, 1, 4 and 16
-distinct adapters, at ranks 8 and 64 (adapters on all seven projections, seeded random
-weights written as PEFT folders). Every run uses the same workload: 32 requests, prompt
+distinct adapters, at ranks 8 and 64 (adapters on all seven projections, or with --targets
+attention on q/k/v/o as `kiln train` makes them; seeded random weights written as PEFT folders). Every run uses the same workload: 32 requests, prompt
 lengths uniform in [64, 256], 64 new tokens each, greedy, EOS ignored; request i uses
 adapter i mod N. Runs alternate base / adapters so that drift on a shared machine hits both.
 
     python bench/lora.py                        # ranks 8 and 64, 0/1/4/16 adapters, 3 repeats
     python bench/lora.py --ranks 8 --repeats 1  # quicker
+    python bench/lora.py --targets attention --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -28,14 +29,18 @@ from kiln.runtime.request import Request, SamplingParams
 
 TARGETS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+# --targets: every projection (the heaviest adapters), or the attention ones (`kiln train`'s default)
+TARGET_SETS = {"all": tuple(TARGETS), "attention": ("q_proj", "k_proj", "v_proj", "o_proj")}
 
 
-def write_adapter(folder: Path, cfg: ModelConfig, rank: int, seed: int) -> Path:
-    """A PEFT-format adapter with seeded random weights (what peft would save)."""
+def write_adapter(folder: Path, cfg: ModelConfig, rank: int, seed: int,
+                  targets: tuple[str, ...] = tuple(TARGETS)) -> Path:
+    """A PEFT-format adapter with seeded random weights (what peft would save) on `targets`."""
     gen = torch.Generator().manual_seed(seed)
     q, kv, h, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size, cfg.intermediate_size
     dims = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
             "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    dims = {name: dims[name] for name in targets}
     tensors = {}
     for layer in range(cfg.num_layers):
         for name, (d_in, d_out) in dims.items():
@@ -69,6 +74,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--targets", default="all", choices=tuple(TARGET_SETS),
+                    help="projections the adapters cover: all seven, or q/k/v/o (kiln train's default) [default all]")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="model dtype [default float32]")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--lora-mode", choices=["loop", "grouped", "grouped-torch"],
@@ -85,7 +92,8 @@ def main() -> None:
     results: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        loras = ",".join(f"r{rank}-{i}={write_adapter(root / f'r{rank}-{i}', cfg, rank, 1000 * rank + i)}"
+        targets = TARGET_SETS[args.targets]
+        loras = ",".join(f"r{rank}-{i}={write_adapter(root / f'r{rank}-{i}', cfg, rank, 1000 * rank + i, targets)}"
                          for rank in ranks for i in range(max(counts)))
         engine = Engine(EngineConfig(kv_cache_bytes=2 << 30, max_num_seqs=args.requests, loras=loras,
                                      max_loras=max(max(counts), 1), lora_cache_bytes=8 << 30,
@@ -108,8 +116,8 @@ def main() -> None:
                     print(f"repeat {repeat + 1}: {key}: {samples[key][-1]:.1f} tokens/s", flush=True)
         results = {key: statistics.median(v) for key, v in samples.items()}
     base = results["base"]
-    print(f"\n{args.requests} concurrent requests, {args.new_tokens} new tokens each, {args.dtype} "
-          f"(median of {args.repeats})")
+    print(f"\n{args.requests} concurrent requests, {args.new_tokens} new tokens each, {args.dtype}, "
+          f"adapters on {args.targets} projections (median of {args.repeats})")
     print("| run | tokens/s | vs base |\n| --- | ---: | ---: |")
     for key, value in results.items():
         print(f"| {key} | {value:.1f} | {value / base:.2f} |")

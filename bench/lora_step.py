@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lora import write_adapter  # noqa: E402  (bench/lora.py)
+from lora import TARGET_SETS, write_adapter  # noqa: E402  (bench/lora.py)
 
 from kiln.config import EngineConfig  # noqa: E402
 from kiln.runtime.engine import Engine  # noqa: E402
@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--variants", default="base,loop,grouped")
+    ap.add_argument("--targets", default="all", choices=tuple(TARGET_SETS), help="projections the adapters cover")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: the engine's default)")
     args = ap.parse_args()
@@ -50,7 +51,8 @@ def main() -> None:
     rng = random.Random(0)
     prompts = [[rng.randrange(100, cfg.vocab_size) for _ in range(rng.randint(64, 256))] for _ in range(args.requests)]
     with tempfile.TemporaryDirectory() as tmp:
-        loras = ",".join(f"a{i}={write_adapter(Path(tmp) / f'a{i}', cfg, args.rank, 1000 * args.rank + i)}"
+        targets = TARGET_SETS[args.targets]
+        loras = ",".join(f"a{i}={write_adapter(Path(tmp) / f'a{i}', cfg, args.rank, 1000 * args.rank + i, targets)}"
                          for i in range(args.adapters))
         engine = Engine(EngineConfig(kv_cache_bytes=2 << 30, max_num_seqs=args.requests, loras=loras,
                                      max_loras=max(args.adapters, 1), lora_cache_bytes=8 << 30,
@@ -86,8 +88,13 @@ def main() -> None:
 def print_floor(slots, adapters: int, base: float) -> None:
     """The bandwidth floor of the LoRA term: every adapter's A and B are read once per step,
     so no kernel can take less than their bytes over the machine's read bandwidth."""
-    nbytes = sum(a[:adapters].numel() * a.element_size() for a in slots.a.values())
-    nbytes += sum(t[:adapters].numel() * t.element_size() for bs in slots.b.values() for t in bs)
+    nbytes = 0
+    for key, present in slots.present.items():  # the parts each adapter has weights for
+        in_features, rank = slots.a[key].shape[2], slots.rank
+        for s in range(adapters):
+            for p, (_, size) in enumerate(slots.parts[key]):
+                if present[s, p]:
+                    nbytes += rank * (in_features + size) * slots.a[key].element_size()
     buf = torch.ones((512 << 20) // 4)  # well past the caches
     best = min(_timed(buf.sum) for _ in range(5))
     bandwidth = buf.numel() * 4 / best

@@ -351,7 +351,7 @@ class LoraLinear(nn.Module):
                 for p, (off, size) in enumerate(parts):
                     lora_expand(t[:, p * R:(p + 1) * R], bs[p], plan.indices, y, off)
             else:
-                grouped_lora(x, y, plan, a, bs, parts, R)
+                grouped_lora(x, y, plan, a, bs, parts, R, slots.present[self.key])
         return y
 
 

@@ -42,6 +42,9 @@ class LoraSlots:
         self.num_slots = 0
         self.a: dict[Key, torch.Tensor] = {}
         self.b: dict[Key, list[torch.Tensor]] = {}
+        # [slots, parts] bool: the slot's adapter has weights for that part (its rows are zeros
+        # otherwise; the CPU kernel skips them, so an adapter on q/v reads no MLP buffers)
+        self.present: dict[Key, torch.Tensor] = {}
         self._owner: list[tuple[int, weakref.ref] | None] = []  # (uid, weak ref to its weights)
         self._tick: list[int] = []
         self._clock = 0
@@ -52,18 +55,20 @@ class LoraSlots:
         contents, so they are not copied from the adapters again (~70 ms per rank-64 adapter
         of the default model); a new rank: all slots are free afterwards."""
         keep = self.num_slots if rank == self.rank else 0
-        old_a, old_b = self.a, self.b
-        self.a, self.b = {}, {}
+        old_a, old_b, old_present = self.a, self.b, self.present
+        self.a, self.b, self.present = {}, {}, {}
         for key, parts in self.parts.items():
             a = torch.zeros(num_slots, len(parts) * rank, self.in_features[key], dtype=self.dtype, device=self.device)
             bs = [torch.zeros(num_slots, rank, size, dtype=self.dtype, device=self.device) for _, size in parts]
+            present = torch.zeros(num_slots, len(parts), dtype=torch.bool)
             if keep:
                 a[:keep] = old_a.pop(key)
                 for b, old in zip(bs, old_b.pop(key)):
                     b[:keep] = old
+                present[:keep] = old_present[key][:keep]
             else:
                 old_a.pop(key, None), old_b.pop(key, None)  # free as we go: the peak stays ~one set
-            self.a[key], self.b[key] = a, bs
+            self.a[key], self.b[key], self.present[key] = a, bs, present
         self.num_slots, self.rank = num_slots, rank
         self._owner = self._owner[:keep] + [None] * (num_slots - keep)
         self._tick = self._tick[:keep] + [0] * (num_slots - keep)
@@ -109,6 +114,7 @@ class LoraSlots:
             a_buf[slot].zero_()
             for b in b_bufs:
                 b[slot].zero_()
+            self.present[key][slot] = False
             pair = adapter.weights.get(key)
             if pair is None:
                 continue  # the adapter does not touch this linear: zeros add nothing
@@ -124,6 +130,7 @@ class LoraSlots:
                     raise ValueError(f"adapter {adapter.name}: {key} part {p} has {r} ranks, above its rank {R}")
                 a_buf[slot, p * R:p * R + r] = a_t[:, rows].t().to(self.dtype)
                 b_bufs[p][slot, :r] = b_t[rows, off:off + size].to(self.dtype)
+                self.present[key][slot, p] = True
         self._owner[slot] = (adapter.uid, weakref.ref(_anchor(adapter.weights)))
         self.num_copies += 1
 
@@ -152,7 +159,7 @@ class LoraPlan:
 
 
 def grouped_lora(x: torch.Tensor, y: torch.Tensor, plan: LoraPlan, a: torch.Tensor, bs: list[torch.Tensor],
-                 parts: list[tuple[int, int]], rank: int) -> None:
+                 parts: list[tuple[int, int]], rank: int, present: torch.Tensor) -> None:
     """y += the LoRA term of the slotted rows, in torch ops. Grouped slots: one gather, one bmm
     for A, one bmm per part for B, one scatter-add. Slots with many rows: plain matmuls on
     their rows (a slice for a prefill), B per part, so no block-diagonal zeros are read.
@@ -160,7 +167,8 @@ def grouped_lora(x: torch.Tensor, y: torch.Tensor, plan: LoraPlan, a: torch.Tens
     if plan.groups is not None:
         from ..kernels import cpu_ops
 
-        cpu_ops.lora_grouped(x if x.stride(-1) == 1 else x.contiguous(), y, a, bs, [off for off, _ in parts], *plan.groups)
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        cpu_ops.lora_grouped(x, y, a, bs, [off for off, _ in parts], present, *plan.groups)
     if plan.num_slots:
         n, m = plan.num_slots, plan.group_rows
         xg = x.index_select(0, plan.gather).view(n, m, -1)

@@ -96,7 +96,8 @@ struct Part {
 template <typename T>
 void lora_grouped_impl(const T* x, int64_t x_stride, T* y, int64_t y_stride, const T* a, int64_t PR, int64_t K,
                        const std::vector<const T*>& bs, const std::vector<Part>& parts, int64_t R,
-                       const std::vector<Group>& groups, int64_t num_rows_total) {
+                       const bool* present, const std::vector<Group>& groups, int64_t num_rows_total) {
+  const int64_t P = parts.size();
   const int64_t G = groups.size();
   // Shrink: t[row][j] = x[row] . A_s[j], one task per (group, 16 ranks); t is indexed by the
   // row's position in the groups (rows are distinct, so tasks never write the same entry).
@@ -113,6 +114,7 @@ void lora_grouped_impl(const T* x, int64_t x_stride, T* y, int64_t y_stride, con
       float out[kRows];
       float* tg = t.data() + first[task / rank_tasks] * PR;
       for (int64_t j = j0; j < j1; ++j) {
+        if (!present[grp.slot * P + j / R]) continue;  // the adapter has no weights there: its A rows are zeros
         dot_rows(a + (grp.slot * PR + j) * K, xs, grp.m, K, out);
         for (int i = 0; i < grp.m; ++i) tg[i * PR + j] = out[i];
       }
@@ -134,6 +136,7 @@ void lora_grouped_impl(const T* x, int64_t x_stride, T* y, int64_t y_stride, con
       const int64_t g = task / C;
       const Group& grp = groups[g];
       const Cols& col = cols[task % C];
+      if (!present[grp.slot * P + col.p]) continue;  // nothing to add
       const int64_t n = col.c1 - col.c0, N = parts[col.p].size;
       std::fill(acc.begin(), acc.end(), 0.f);
       const float* tg = t.data() + first[g] * PR + col.p * R;
@@ -158,10 +161,12 @@ void lora_grouped_impl(const T* x, int64_t x_stride, T* y, int64_t y_stride, con
 }
 
 // x [T, K], y [T, sum of parts] (unit inner strides), a [S, P*R, K], bs[p] [S, R, N_p] (all one
-// dtype, contiguous); group_slot [G], group_ptr [G+1] and rows (int64): group g is the rows
-// rows[group_ptr[g]:group_ptr[g+1]] of slot group_slot[g]. Rows must be distinct.
+// dtype, contiguous); present [S, P] bool: slot s has weights for part p (its A rows and B are
+// zeros otherwise, and are not read); group_slot [G], group_ptr [G+1] and rows (int64): group
+// g is the rows rows[group_ptr[g]:group_ptr[g+1]] of slot group_slot[g]. Rows must be distinct.
 void lora_grouped(const at::Tensor& x, at::Tensor y, const at::Tensor& a, at::TensorList bs, at::IntArrayRef offsets,
-                  const at::Tensor& group_slot, const at::Tensor& group_ptr, const at::Tensor& rows) {
+                  const at::Tensor& present, const at::Tensor& group_slot, const at::Tensor& group_ptr,
+                  const at::Tensor& rows) {
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && a.dim() == 3, "lora_grouped: x, y [T, *] and a [S, P*R, K]");
   TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1 && a.is_contiguous(), "lora_grouped: unit inner strides");
   TORCH_CHECK(x.scalar_type() == y.scalar_type() && x.scalar_type() == a.scalar_type(), "lora_grouped: one dtype");
@@ -174,6 +179,9 @@ void lora_grouped(const at::Tensor& x, at::Tensor y, const at::Tensor& a, at::Te
               "lora_grouped: contiguous int64 indices");
   const int64_t K = a.size(2), PR = a.size(1), S = a.size(0), R = PR / static_cast<int64_t>(bs.size());
   TORCH_CHECK(x.size(1) == K && PR % static_cast<int64_t>(bs.size()) == 0, "lora_grouped: a's shape");
+  TORCH_CHECK(present.scalar_type() == at::kBool && present.is_contiguous() && present.dim() == 2 &&
+                  present.size(0) == S && present.size(1) == static_cast<int64_t>(bs.size()),
+              "lora_grouped: present must be a contiguous [S, P] bool");
   const int64_t G = group_slot.size(0);
   TORCH_CHECK(group_ptr.size(0) == G + 1, "lora_grouped: group_ptr has G+1 entries");
   const int64_t* ptr = group_ptr.const_data_ptr<int64_t>();
@@ -204,7 +212,8 @@ void lora_grouped(const at::Tensor& x, at::Tensor y, const at::Tensor& a, at::Te
     std::vector<const scalar_t*> b;
     for (const at::Tensor& bp : bs) b.push_back(bp.const_data_ptr<scalar_t>());
     lora_grouped_impl(x.const_data_ptr<scalar_t>(), x.stride(0), y.mutable_data_ptr<scalar_t>(), y.stride(0),
-                      a.const_data_ptr<scalar_t>(), PR, K, b, parts, R, groups, total);
+                      a.const_data_ptr<scalar_t>(), PR, K, b, parts, R, present.const_data_ptr<bool>(), groups,
+                      total);
   };
   if (x.scalar_type() == at::kFloat)
     run(float{});
@@ -215,8 +224,8 @@ void lora_grouped(const at::Tensor& x, at::Tensor y, const at::Tensor& a, at::Te
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(kiln_cpu, m) {
-  m.def("lora_grouped(Tensor x, Tensor(a!) y, Tensor a, Tensor[] bs, int[] offsets, Tensor group_slot, "
-        "Tensor group_ptr, Tensor rows) -> ()");
+  m.def("lora_grouped(Tensor x, Tensor(a!) y, Tensor a, Tensor[] bs, int[] offsets, Tensor present, "
+        "Tensor group_slot, Tensor group_ptr, Tensor rows) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(kiln_cpu, CPU, m) { m.impl("lora_grouped", &lora_grouped); }
