@@ -259,3 +259,24 @@ def test_growing_the_slots_keeps_their_contents(tiny_adapters) -> None:
     again = slots.assign([a3, a0])  # a second slot is needed: reallocated, a0 kept in place
     assert slots.num_slots == 2 and again[1] == first[0] and slots.num_copies == 2
     assert torch.equal(slots.a[(0, "qkv_proj")][first[0]], before)
+
+
+def test_linears_no_slotted_adapter_touches_add_nothing(tiny_adapters) -> None:
+    """Two slotted adapters on q, v and up only: o_proj and down_proj have no slot with weights
+    (LoraSlots.used is empty there) and return the base output to the bit; qkv still adds."""
+    a2 = tiny_adapters[2]
+    twin = Adapter("a2-twin", a2.path, 2002, a2.rank, a2.alpha, a2.targets, 0, dict(a2.weights))
+    context = LoraContext(TINY, torch.float64, "cpu", max_slots=4)
+    context.segments = [(a2, torch.tensor([0, 2])), (twin, torch.tensor([1]))]
+    g = torch.Generator().manual_seed(9)
+    for name, (d_in, d_out) in (("o_proj", (64, 64)), ("down_proj", (96, 64)), ("qkv_proj", (64, 128))):
+        base = Linear(d_in, d_out)
+        base.weight.data = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+        x = torch.randn(3, d_in, generator=g, dtype=torch.float64)
+        y = LoraLinear(base, 0, name, context)(x)
+        plain = base(x)
+        if name == "qkv_proj":
+            assert context.slots.used[(0, name)] and not torch.equal(y, plain)
+            assert rel_err(y, _reference(x, base.weight, (0, name), [a2, twin, a2])) < 1e-12
+        else:
+            assert not context.slots.used[(0, name)] and torch.equal(y, plain)

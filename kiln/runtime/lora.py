@@ -341,8 +341,9 @@ class LoraLinear(nn.Module):
             else:
                 rows = rows.to(x.device, non_blocking=True)
                 y.index_add_(0, rows, (x.index_select(0, rows) @ a_t) @ b_t)
-        if plan.num_slots or plan.large or plan.groups is not None:
-            slots = self.context.slots
+        slots = self.context.slots
+        # No slotted adapter has weights for this linear (adapters on q/k/v/o only, at the MLP): nothing to add.
+        if (plan.num_slots or plan.large or plan.groups is not None) and slots.used[self.key]:
             a, bs, parts, R = slots.a[self.key], slots.b[self.key], slots.parts[self.key], slots.rank
             if plan.indices is not None:
                 from ..kernels.lora import lora_expand, lora_shrink

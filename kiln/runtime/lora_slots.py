@@ -45,6 +45,7 @@ class LoraSlots:
         # [slots, parts] bool: the slot's adapter has weights for that part (its rows are zeros
         # otherwise; the CPU kernel skips them, so an adapter on q/v reads no MLP buffers)
         self.present: dict[Key, torch.Tensor] = {}
+        self.used: dict[Key, set[int]] = {key: set() for key in parts}  # slots with any part present
         self._owner: list[tuple[int, weakref.ref] | None] = []  # (uid, weak ref to its weights)
         self._tick: list[int] = []
         self._clock = 0
@@ -69,6 +70,7 @@ class LoraSlots:
             else:
                 old_a.pop(key, None), old_b.pop(key, None)  # free as we go: the peak stays ~one set
             self.a[key], self.b[key], self.present[key] = a, bs, present
+            self.used[key] = {slot for slot in self.used[key] if slot < keep}
         self.num_slots, self.rank = num_slots, rank
         self._owner = self._owner[:keep] + [None] * (num_slots - keep)
         self._tick = self._tick[:keep] + [0] * (num_slots - keep)
@@ -115,6 +117,7 @@ class LoraSlots:
             for b in b_bufs:
                 b[slot].zero_()
             self.present[key][slot] = False
+            self.used[key].discard(slot)
             pair = adapter.weights.get(key)
             if pair is None:
                 continue  # the adapter does not touch this linear: zeros add nothing
@@ -131,6 +134,7 @@ class LoraSlots:
                 a_buf[slot, p * R:p * R + r] = a_t[:, rows].t().to(self.dtype)
                 b_bufs[p][slot, :r] = b_t[rows, off:off + size].to(self.dtype)
                 self.present[key][slot, p] = True
+                self.used[key].add(slot)
         self._owner[slot] = (adapter.uid, weakref.ref(_anchor(adapter.weights)))
         self.num_copies += 1
 
