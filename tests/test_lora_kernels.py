@@ -263,11 +263,15 @@ def test_growing_the_slots_keeps_their_contents(tiny_adapters) -> None:
 
 def test_linears_no_slotted_adapter_touches_add_nothing(tiny_adapters) -> None:
     """Two slotted adapters on q, v and up only: o_proj and down_proj have no slot with weights
-    (LoraSlots.used is empty there) and return the base output to the bit; qkv still adds."""
+    (LoraSlots.used is empty there), skip the LoRA term (their NaN-poisoned buffers are not
+    read) and return the base output to the bit; qkv still adds."""
     a2 = tiny_adapters[2]
     twin = Adapter("a2-twin", a2.path, 2002, a2.rank, a2.alpha, a2.targets, 0, dict(a2.weights))
     context = LoraContext(TINY, torch.float64, "cpu", max_slots=4)
     context.segments = [(a2, torch.tensor([0, 2])), (twin, torch.tensor([1]))]
+    context.plan(torch.zeros(3, 64))  # slots both adapters
+    for name in ("o_proj", "down_proj"):  # their buffers are never read: poison them to prove it
+        context.slots.a[(0, name)].fill_(float("nan"))
     g = torch.Generator().manual_seed(9)
     for name, (d_in, d_out) in (("o_proj", (64, 64)), ("down_proj", (96, 64)), ("qkv_proj", (64, 128))):
         base = Linear(d_in, d_out)

@@ -15,8 +15,9 @@ R is the largest rank in the batch. A slot stays filled while its adapter's weig
 used first, so a steady batch copies nothing. On the CPU, rows of the slotted adapters are
 padded into [slots, m, in] groups and each linear runs one gather, one bmm for A, one bmm per
 part for B and one scatter-add per part, or, where kiln's C++ kernels built, one call of
-kiln/kernels/cpu/lora.cpp that reads each slot's weights once for all of its rows. On CUDA the same buffers feed the segmented Triton
-kernels (kiln/kernels/lora.py) through a per-row slot index.
+kiln/kernels/cpu/lora.cpp that reads each slot's weights once for all of its rows. On CUDA the
+same buffers feed the segmented Triton kernels (kiln/kernels/lora.py) through a per-row slot
+index.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ class LoraSlots:
         # [slots, parts] bool: the slot's adapter has weights for that part (its rows are zeros
         # otherwise; the CPU kernel skips them, so an adapter on q/v reads no MLP buffers)
         self.present: dict[Key, torch.Tensor] = {}
-        self.used: dict[Key, set[int]] = {key: set() for key in parts}  # slots with any part present
+        # the same per linear as a set of slots with any part present: the hot path's check, no tensor op
+        self.used: dict[Key, set[int]] = {key: set() for key in parts}
         self._owner: list[tuple[int, weakref.ref] | None] = []  # (uid, weak ref to its weights)
         self._tick: list[int] = []
         self._clock = 0

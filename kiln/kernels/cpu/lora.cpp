@@ -20,7 +20,9 @@ using kiln::load_f;
 using kiln::store_f;
 
 constexpr int kRows = 8;      // rows of one slot handled together (each weight load feeds all of them)
-constexpr int64_t kCols = 2048;  // output columns per expand task (its float32 accumulators stay in L1)
+// Output columns per expand task: a whole part of this model's widths, so B is streamed row by
+// row (narrower tasks read it in strided pieces, measured slower); m rows of float32 sums stay in L2.
+constexpr int64_t kCols = 2048;
 
 // out[i] = dot(a, xs[i]) for i < m, in float32.
 template <typename T>
@@ -138,7 +140,7 @@ void lora_grouped_impl(const T* x, int64_t x_stride, T* y, int64_t y_stride, con
       const Cols& col = cols[task % C];
       if (!present[grp.slot * P + col.p]) continue;  // nothing to add
       const int64_t n = col.c1 - col.c0, N = parts[col.p].size;
-      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int i = 0; i < grp.m; ++i) std::fill_n(acc.data() + i * kCols, n, 0.f);  // only what this task sums
       const float* tg = t.data() + first[g] * PR + col.p * R;
       const T* b = bs[col.p] + grp.slot * R * N + col.c0;
       for (int64_t j = 0; j < R; ++j) {
