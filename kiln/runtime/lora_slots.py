@@ -51,6 +51,7 @@ class LoraSlots:
         self._owner: list[tuple[int, weakref.ref] | None] = []  # (uid, weak ref to its weights)
         self._tick: list[int] = []
         self._clock = 0
+        self._layouts: dict[int, tuple[weakref.ref, dict]] = {}  # uid -> (its weights, _layout's answer)
         self.num_copies = 0  # adapters copied into a slot (tests and stats)
 
     def _allocate(self, num_slots: int, rank: int) -> None:
@@ -113,32 +114,52 @@ class LoraSlots:
 
     def _fill(self, slot: int, adapter) -> None:
         R = self.rank
+        layout = self._layout(adapter)
         for key, parts in self.parts.items():
             a_buf, b_bufs = self.a[key], self.b[key]
-            a_buf[slot].zero_()
-            for b in b_bufs:
-                b[slot].zero_()
             self.present[key][slot] = False
             self.used[key].discard(slot)
-            pair = adapter.weights.get(key)
-            if pair is None:
-                continue  # the adapter does not touch this linear: zeros add nothing
-            a_t, b_t = pair  # [in, r_total], [r_total, out] (the parts' B block-diagonal)
+            pair = adapter.weights.get(key)  # None: the adapter does not touch this linear
             for p, (off, size) in enumerate(parts):
-                # The ranks that feed part p: rows of B with a non-zero in its columns. Zero
-                # rows add nothing wherever they go, so this is exact for any fused layout.
-                rows = (b_t[:, off:off + size] != 0).any(dim=1).nonzero().flatten()
-                r = rows.numel()
-                if r == 0:
-                    continue
+                rows = layout[key][p] if pair is not None else slice(0, 0)
+                r = rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
                 if r > R:
                     raise ValueError(f"adapter {adapter.name}: {key} part {p} has {r} ranks, above its rank {R}")
-                a_buf[slot, p * R:p * R + r] = a_t[:, rows].t().to(self.dtype)
-                b_bufs[p][slot, :r] = b_t[rows, off:off + size].to(self.dtype)
-                self.present[key][slot, p] = True
-                self.used[key].add(slot)
+                if r:
+                    a_t, b_t = pair  # [in, r_total], [r_total, out] (the parts' B block-diagonal)
+                    a_buf[slot, p * R:p * R + r].copy_(a_t[:, rows].t())
+                    b_bufs[p][slot, :r].copy_(b_t[rows, off:off + size])
+                    self.present[key][slot, p] = True
+                    self.used[key].add(slot)
+                # ranks past the adapter's (all of them where it has none) are zeros: they add nothing
+                a_buf[slot, p * R + r:(p + 1) * R].zero_()
+                b_bufs[p][slot, r:].zero_()
         self._owner[slot] = (adapter.uid, weakref.ref(_anchor(adapter.weights)))
         self.num_copies += 1
+
+    def _layout(self, adapter) -> dict[Key, list[slice | torch.Tensor]]:
+        """The rank rows that feed each part of each linear, found once per load of an
+        adapter's weights (a scan of its B) and reused by every later fill of that load: a
+        batch whose adapters come and go refills slots often, and the scan was most of a fill."""
+        anchor = _anchor(adapter.weights)
+        cached = self._layouts.get(adapter.uid)
+        if cached is not None and cached[0]() is anchor:
+            return cached[1]
+        layout = {key: [_rank_rows(b_t[:, off:off + size]) for off, size in self.parts[key]]
+                  for key, (_, b_t) in adapter.weights.items() if key in self.parts}
+        self._layouts = {uid: c for uid, c in self._layouts.items() if c[0]() is not None}  # drop unloaded ones
+        self._layouts[adapter.uid] = (weakref.ref(anchor), layout)
+        return layout
+
+
+def _rank_rows(b_part: torch.Tensor) -> slice | torch.Tensor:
+    """The rows of B with a non-zero in a part's columns: the ranks that feed that part. Zero
+    rows add nothing wherever they go, so this is exact for any fused layout. A slice when
+    they are contiguous (as read_adapter lays them out), so a fill copies without a gather."""
+    rows = (b_part != 0).any(dim=1).nonzero().flatten()
+    if rows.numel() and int(rows[-1] - rows[0]) + 1 == rows.numel():
+        return slice(int(rows[0]), int(rows[-1]) + 1)
+    return rows
 
 
 def _anchor(weights: dict) -> torch.Tensor:
