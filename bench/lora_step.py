@@ -89,12 +89,11 @@ def print_floor(slots, adapters: int, base: float) -> None:
     """The bandwidth floor of the LoRA term: every adapter's A and B are read once per step,
     so no kernel can take less than their bytes over the machine's read bandwidth."""
     nbytes = 0
-    for key, present in slots.present.items():  # the parts each adapter has weights for
-        in_features, rank = slots.a[key].shape[2], slots.rank
+    for key, ranks in slots.ranks.items():  # the ranks each adapter has for each part
+        in_features = slots.a[key].shape[2]
         for s in range(adapters):
             for p, (_, size) in enumerate(slots.parts[key]):
-                if present[s, p]:
-                    nbytes += rank * (in_features + size) * slots.a[key].element_size()
+                nbytes += int(ranks[s, p]) * (in_features + size) * slots.a[key].element_size()
     buf = torch.ones((512 << 20) // 4)  # well past the caches
     best = min(_timed(buf.sum) for _ in range(5))
     bandwidth = buf.numel() * 4 / best

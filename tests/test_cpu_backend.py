@@ -227,33 +227,35 @@ def test_prepare_model_swaps_in_the_fused_layers(kernel_built):
 @pytest.mark.parametrize("K,sizes,R", [(576, (576, 192, 192), 64), (1536, (576,), 8), (100, (37, 300), 5)])
 def test_lora_grouped_matches_float64(kernel_built, dtype, K, sizes, R):
     """Groups of 3, 1 and 12 rows (more than the kernel's 8-row tile) over three of five slots,
-    rows out of order, x a strided view, an input width with a partial vector (100), ranks
-    zero-padded like a smaller adapter's in a slot, and a part marked absent for one slot
-    (its buffers hold garbage that must not be read): y of the grouped rows gets x A_s^T B_s
-    of its present parts' columns, every other row and column is untouched to the bit."""
+    rows out of order, x a strided view, an input width with a partial vector (100), a slot
+    whose adapter has R - 2 ranks for its first part and one with none for its last (the rows
+    past a slot's ranks hold NaN, which must not be read): y of the grouped rows gets
+    x A_s^T B_s over each part's ranks, every other row and column is untouched to the bit."""
     g = torch.Generator().manual_seed(K + R)
     S, T, P = 5, 23, len(sizes)
     offsets = [sum(sizes[:p]) for p in range(P)]
     x = torch.randn(T, K + 7, generator=g).to(dtype)[:, 3:K + 3]  # row stride K + 7
     y = torch.randn(T, sum(sizes), generator=g).to(dtype)
     a = (torch.randn(S, P * R, K, generator=g) / K ** 0.5).to(dtype)
-    a[1, R - 2:R] = 0  # slot 1's first part has rank R - 2
     bs = [torch.randn(S, R, n, generator=g).to(dtype) for n in sizes]
-    present = torch.ones(S, P, dtype=torch.bool)
-    present[3, P - 1] = False  # slot 3's adapter has no weights for the last part
+    ranks = torch.full((S, P), R, dtype=torch.int32)
+    ranks[1, 0] = R - 2  # slot 1's first part has rank R - 2
+    a[1, R - 2:R] = float("nan")
+    bs[0][1, R - 2:] = float("nan")
+    ranks[3, P - 1] = 0  # slot 3's adapter has no weights for the last part
     a[3, (P - 1) * R:] = float("nan")
     bs[P - 1][3] = float("nan")
     groups = [(3, [7, 1, 5]), (0, [2]), (1, [22] + list(range(10, 21)))]
     want = y.double().clone()
     for s, rows in groups:
-        t = x[rows].double() @ a[s].double().t()
         for p, (off, n) in enumerate(zip(offsets, sizes)):
-            if present[s, p]:
-                want[rows, off:off + n] += t[:, p * R:(p + 1) * R] @ bs[p][s].double()
+            r = int(ranks[s, p])
+            t = x[rows].double() @ a[s, p * R:p * R + r].double().t()
+            want[rows, off:off + n] += t @ bs[p][s, :r].double()
     got = y.clone()
     ptr = torch.tensor([0, 3, 4, 16])
     rows = torch.tensor([r for _, rs in groups for r in rs])
-    cpu_ops.lora_grouped(x, got, a, bs, offsets, present, torch.tensor([s for s, _ in groups]), ptr, rows)
+    cpu_ops.lora_grouped(x, got, a, bs, offsets, ranks, torch.tensor([s for s, _ in groups]), ptr, rows)
     touched = rows.tolist()
     untouched = [i for i in range(T) if i not in touched]
     assert torch.equal(got[untouched], y[untouched])
@@ -264,15 +266,17 @@ def test_lora_grouped_matches_float64(kernel_built, dtype, K, sizes, R):
 
 def test_lora_grouped_refuses_bad_indices(kernel_built):
     x, y = torch.randn(4, 16), torch.zeros(4, 8)
-    a, bs, present = torch.randn(2, 4, 16), [torch.randn(2, 4, 8)], torch.ones(2, 1, dtype=torch.bool)
+    a, bs, ranks = torch.randn(2, 4, 16), [torch.randn(2, 4, 8)], torch.full((2, 1), 4, dtype=torch.int32)
     ok = (torch.tensor([1]), torch.tensor([0, 2]))
-    cpu_ops.lora_grouped(x, y, a, bs, [0], present, *ok, torch.tensor([0, 3]))
+    cpu_ops.lora_grouped(x, y, a, bs, [0], ranks, *ok, torch.tensor([0, 3]))
     assert y[[1, 2]].abs().sum() == 0 and y[[0, 3]].abs().sum() > 0
     with pytest.raises(RuntimeError, match="row out of range"):
-        cpu_ops.lora_grouped(x, y, a, bs, [0], present, *ok, torch.tensor([0, 4]))
+        cpu_ops.lora_grouped(x, y, a, bs, [0], ranks, *ok, torch.tensor([0, 4]))
     with pytest.raises(RuntimeError, match="bad group"):
-        cpu_ops.lora_grouped(x, y, a, bs, [0], present, torch.tensor([2]), ok[1], torch.tensor([0, 1]))
+        cpu_ops.lora_grouped(x, y, a, bs, [0], ranks, torch.tensor([2]), ok[1], torch.tensor([0, 1]))
     with pytest.raises(RuntimeError, match="outside y"):
-        cpu_ops.lora_grouped(x, y, a, bs, [4], present, *ok, torch.tensor([0, 1]))
-    with pytest.raises(RuntimeError, match="present"):
-        cpu_ops.lora_grouped(x, y, a, bs, [0], present[:1], *ok, torch.tensor([0, 1]))
+        cpu_ops.lora_grouped(x, y, a, bs, [4], ranks, *ok, torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="ranks must be"):
+        cpu_ops.lora_grouped(x, y, a, bs, [0], ranks[:1], *ok, torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="ranks must lie"):
+        cpu_ops.lora_grouped(x, y, a, bs, [0], ranks + 1, *ok, torch.tensor([0, 1]))

@@ -284,3 +284,33 @@ def test_linears_no_slotted_adapter_touches_add_nothing(tiny_adapters) -> None:
             assert rel_err(y, _reference(x, base.weight, (0, name), [a2, twin, a2])) < 1e-12
         else:
             assert not context.slots.used[(0, name)] and torch.equal(y, plain)
+
+
+@pytest.mark.parametrize("cpu_kernel", [False, True])
+def test_a_smaller_batch_rank_keeps_the_buffers_only_for_the_kernel(tiny_adapters, cpu_kernel) -> None:
+    """A rank-64 batch, then a batch of rank-8 adapters only. The C++ kernel reads just each
+    slot's own ranks, so it keeps the rank-64 buffers (no reallocation, no refill of the slot
+    already holding a0); the torch path reads every row, so its buffers shrink to rank 8. Both
+    give the float64 reference."""
+    if cpu_kernel:
+        from kiln.kernels import cpu_ops
+        from kiln.runtime.models.loader import cache_dir
+
+        assert cpu_ops.load(cache_dir()), "kiln's C++ kernels did not build (see the warning in the log)"
+    a0, a1, _, a3 = [Adapter(a.name, a.path, a.uid, a.rank, a.alpha, a.targets, 0,
+                             {k: (x.float(), y.float()) for k, (x, y) in a.weights.items()}) for a in tiny_adapters]
+    context = LoraContext(TINY, F32, "cpu", max_slots=4, cpu_kernel=cpu_kernel)
+    g = torch.Generator().manual_seed(11)
+    base = Linear(64, 128)
+    base.weight.data = torch.randn(128, 64, generator=g) / 8
+    for batch in ([a0, a1], [a0, a3]):  # ranks 8 + 64, then 8 + 8
+        context.segments = [(a, torch.tensor([i])) for i, a in enumerate(batch)]
+        x = torch.randn(2, 64, generator=g)
+        y = LoraLinear(base, 0, "qkv_proj", context)(x)
+        assert rel_err(y, _reference(x, base.weight, (0, "qkv_proj"), batch)) < 1e-5
+    slots = context.slots
+    if cpu_kernel:
+        assert slots.rank == 64 and slots.num_copies == 3  # a3 filled; a0 kept in its slot
+        assert int(slots.ranks[(0, "qkv_proj")].max()) == 8  # what the kernel reads of the rank-64 rows
+    else:
+        assert slots.rank == 8 and slots.num_copies == 4  # new buffers: both refilled

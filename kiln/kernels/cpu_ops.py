@@ -100,8 +100,8 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def lora_grouped(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor], offsets: list[int],
-                 present: torch.Tensor, group_slot: torch.Tensor, group_ptr: torch.Tensor, rows: torch.Tensor) -> None:
+                 ranks: torch.Tensor, group_slot: torch.Tensor, group_ptr: torch.Tensor, rows: torch.Tensor) -> None:
     """y[rows of group g] += (x A_s^T) B_s per part, in place; s = group_slot[g], the rows of group
     g are rows[group_ptr[g]:group_ptr[g+1]] (distinct). a [S, P*R, K], bs[p] [S, R, N_p];
-    present [S, P] bool: parts a slot has no weights for are skipped (their A and B are zeros)."""
-    torch.ops.kiln_cpu.lora_grouped(x, y, a, bs, offsets, present, group_slot, group_ptr, rows)
+    ranks [S, P] int32: the ranks slot s has for part p; the zero rows past them are not read."""
+    torch.ops.kiln_cpu.lora_grouped(x, y, a, bs, offsets, ranks, group_slot, group_ptr, rows)

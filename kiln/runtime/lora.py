@@ -255,6 +255,8 @@ class LoraContext:
         # the [slots, m] groups of the decode rows.
         self.max_group_rows = 8
         self.cpu_kernel = cpu_kernel and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+        if self.slots is not None:
+            self.slots.keep_larger_rank = self.cpu_kernel
 
     @property
     def segments(self) -> list[tuple[Adapter, torch.Tensor | slice]]:
@@ -352,7 +354,7 @@ class LoraLinear(nn.Module):
                 for p, (off, size) in enumerate(parts):
                     lora_expand(t[:, p * R:(p + 1) * R], bs[p], plan.indices, y, off)
             else:
-                grouped_lora(x, y, plan, a, bs, parts, R, slots.present[self.key])
+                grouped_lora(x, y, plan, a, bs, parts, R, slots.ranks[self.key])
         return y
 
 

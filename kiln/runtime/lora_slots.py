@@ -43,36 +43,42 @@ class LoraSlots:
         self.num_slots = 0
         self.a: dict[Key, torch.Tensor] = {}
         self.b: dict[Key, list[torch.Tensor]] = {}
-        # [slots, parts] bool: the slot's adapter has weights for that part (its rows are zeros
-        # otherwise; the CPU kernel skips them, so an adapter on q/v reads no MLP buffers)
-        self.present: dict[Key, torch.Tensor] = {}
-        # the same per linear as a set of slots with any part present: the hot path's check, no tensor op
+        # [slots, parts] int32: the ranks the slot's adapter has for that part (0: none). The rows
+        # past them are zeros, which the CPU kernel does not read: an adapter on q/v reads no
+        # MLP buffers, and a rank-8 adapter in rank-64 buffers reads 8 rows.
+        self.ranks: dict[Key, torch.Tensor] = {}
+        # per linear, the slots with any ranks there: the hot path's check, without a tensor op
         self.used: dict[Key, set[int]] = {key: set() for key in parts}
         self._owner: list[tuple[int, weakref.ref] | None] = []  # (uid, weak ref to its weights)
         self._tick: list[int] = []
         self._clock = 0
         self._layouts: dict[int, tuple[weakref.ref, dict]] = {}  # uid -> (its weights, _layout's answer)
         self.num_copies = 0  # adapters copied into a slot (tests and stats)
+        # Keep buffers of a larger rank when a batch's largest rank drops (set where the CPU
+        # kernel reads only each slot's own ranks): no reallocation and refill of every slot each
+        # time the last high-rank request of a mixed batch finishes. The torch paths read all R
+        # rows, so for them the buffers follow the batch's rank.
+        self.keep_larger_rank = False
 
     def _allocate(self, num_slots: int, rank: int) -> None:
         """(Re)allocate every buffer. Same rank (growing): the filled slots keep their
         contents, so they are not copied from the adapters again (~70 ms per rank-64 adapter
         of the default model); a new rank: all slots are free afterwards."""
         keep = self.num_slots if rank == self.rank else 0
-        old_a, old_b, old_present = self.a, self.b, self.present
-        self.a, self.b, self.present = {}, {}, {}
+        old_a, old_b, old_ranks = self.a, self.b, self.ranks
+        self.a, self.b, self.ranks = {}, {}, {}
         for key, parts in self.parts.items():
             a = torch.zeros(num_slots, len(parts) * rank, self.in_features[key], dtype=self.dtype, device=self.device)
             bs = [torch.zeros(num_slots, rank, size, dtype=self.dtype, device=self.device) for _, size in parts]
-            present = torch.zeros(num_slots, len(parts), dtype=torch.bool)
+            ranks = torch.zeros(num_slots, len(parts), dtype=torch.int32)
             if keep:
                 a[:keep] = old_a.pop(key)
                 for b, old in zip(bs, old_b.pop(key)):
                     b[:keep] = old
-                present[:keep] = old_present[key][:keep]
+                ranks[:keep] = old_ranks[key][:keep]
             else:
                 old_a.pop(key, None), old_b.pop(key, None)  # free as we go: the peak stays ~one set
-            self.a[key], self.b[key], self.present[key] = a, bs, present
+            self.a[key], self.b[key], self.ranks[key] = a, bs, ranks
             self.used[key] = {slot for slot in self.used[key] if slot < keep}
         self.num_slots, self.rank = num_slots, rank
         self._owner = self._owner[:keep] + [None] * (num_slots - keep)
@@ -89,6 +95,8 @@ class LoraSlots:
         of those not already slotted."""
         assert len(adapters) <= self.max_slots, (len(adapters), self.max_slots)
         rank = max(a.rank for a in adapters)
+        if self.keep_larger_rank:
+            rank = max(rank, self.rank)
         need = len(adapters)
         if rank != self.rank:  # every buffer changes shape: the slots are refilled
             self._allocate(max(need, self.num_slots), rank)
@@ -117,7 +125,7 @@ class LoraSlots:
         layout = self._layout(adapter)
         for key, parts in self.parts.items():
             a_buf, b_bufs = self.a[key], self.b[key]
-            self.present[key][slot] = False
+            self.ranks[key][slot] = 0
             self.used[key].discard(slot)
             pair = adapter.weights.get(key)  # None: the adapter does not touch this linear
             for p, (off, size) in enumerate(parts):
@@ -129,7 +137,7 @@ class LoraSlots:
                     a_t, b_t = pair  # [in, r_total], [r_total, out] (the parts' B block-diagonal)
                     a_buf[slot, p * R:p * R + r].copy_(a_t[:, rows].t())
                     b_bufs[p][slot, :r].copy_(b_t[rows, off:off + size])
-                    self.present[key][slot, p] = True
+                    self.ranks[key][slot, p] = r
                     self.used[key].add(slot)
                 # ranks past the adapter's (all of them where it has none) are zeros: they add nothing
                 a_buf[slot, p * R + r:(p + 1) * R].zero_()
@@ -186,7 +194,7 @@ class LoraPlan:
 
 
 def grouped_lora(x: torch.Tensor, y: torch.Tensor, plan: LoraPlan, a: torch.Tensor, bs: list[torch.Tensor],
-                 parts: list[tuple[int, int]], rank: int, present: torch.Tensor) -> None:
+                 parts: list[tuple[int, int]], rank: int, ranks: torch.Tensor) -> None:
     """y += the LoRA term of the slotted rows, in torch ops. Grouped slots: one gather, one bmm
     for A, one bmm per part for B, one scatter-add. Slots with many rows: plain matmuls on
     their rows (a slice for a prefill), B per part, so no block-diagonal zeros are read.
@@ -195,7 +203,7 @@ def grouped_lora(x: torch.Tensor, y: torch.Tensor, plan: LoraPlan, a: torch.Tens
         from ..kernels import cpu_ops
 
         x = x if x.stride(-1) == 1 else x.contiguous()
-        cpu_ops.lora_grouped(x, y, a, bs, [off for off, _ in parts], present, *plan.groups)
+        cpu_ops.lora_grouped(x, y, a, bs, [off for off, _ in parts], ranks, *plan.groups)
     if plan.num_slots:
         n, m = plan.num_slots, plan.group_rows
         xg = x.index_select(0, plan.gather).view(n, m, -1)

@@ -98,7 +98,7 @@ struct Part {
 template <typename T>
 void lora_grouped_impl(const T* x, int64_t x_stride, T* y, int64_t y_stride, const T* a, int64_t PR, int64_t K,
                        const std::vector<const T*>& bs, const std::vector<Part>& parts, int64_t R,
-                       const bool* present, const std::vector<Group>& groups, int64_t num_rows_total) {
+                       const int32_t* ranks, const std::vector<Group>& groups, int64_t num_rows_total) {
   const int64_t P = parts.size();
   const int64_t G = groups.size();
   // Shrink: t[row][j] = x[row] . A_s[j], one task per (group, 16 ranks); t is indexed by the
@@ -116,7 +116,7 @@ void lora_grouped_impl(const T* x, int64_t x_stride, T* y, int64_t y_stride, con
       float out[kRows];
       float* tg = t.data() + first[task / rank_tasks] * PR;
       for (int64_t j = j0; j < j1; ++j) {
-        if (!present[grp.slot * P + j / R]) continue;  // the adapter has no weights there: its A rows are zeros
+        if (j % R >= ranks[grp.slot * P + j / R]) continue;  // past the adapter's ranks: zero rows, not read
         dot_rows(a + (grp.slot * PR + j) * K, xs, grp.m, K, out);
         for (int i = 0; i < grp.m; ++i) tg[i * PR + j] = out[i];
       }
@@ -138,16 +138,17 @@ void lora_grouped_impl(const T* x, int64_t x_stride, T* y, int64_t y_stride, con
       const int64_t g = task / C;
       const Group& grp = groups[g];
       const Cols& col = cols[task % C];
-      if (!present[grp.slot * P + col.p]) continue;  // nothing to add
+      const int64_t r = ranks[grp.slot * P + col.p];
+      if (r == 0) continue;  // the adapter has no weights for this part
       const int64_t n = col.c1 - col.c0, N = parts[col.p].size;
       for (int i = 0; i < grp.m; ++i) std::fill_n(acc.data() + i * kCols, n, 0.f);  // only what this task sums
       const float* tg = t.data() + first[g] * PR + col.p * R;
       const T* b = bs[col.p] + grp.slot * R * N + col.c0;
-      for (int64_t j = 0; j < R; ++j) {
+      for (int64_t j = 0; j < r; ++j) {
         float tj[kRows];
         bool any = false;
         for (int i = 0; i < grp.m; ++i) any |= (tj[i] = tg[i * PR + j]) != 0.f;
-        if (any) axpy_rows(b + j * N, N, tj, grp.m, n, acc.data());  // a zero-padded rank adds nothing
+        if (any) axpy_rows(b + j * N, N, tj, grp.m, n, acc.data());
       }
       for (int i = 0; i < grp.m; ++i) {
         T* yr = y + grp.rows[i] * y_stride + parts[col.p].offset + col.c0;
@@ -163,11 +164,11 @@ void lora_grouped_impl(const T* x, int64_t x_stride, T* y, int64_t y_stride, con
 }
 
 // x [T, K], y [T, sum of parts] (unit inner strides), a [S, P*R, K], bs[p] [S, R, N_p] (all one
-// dtype, contiguous); present [S, P] bool: slot s has weights for part p (its A rows and B are
-// zeros otherwise, and are not read); group_slot [G], group_ptr [G+1] and rows (int64): group
+// dtype, contiguous); ranks [S, P] int32: slot s's adapter has ranks[s, p] ranks for part p (the
+// rows of A and B past them are zeros and are not read; 0: none); group_slot [G], group_ptr [G+1] and rows (int64): group
 // g is the rows rows[group_ptr[g]:group_ptr[g+1]] of slot group_slot[g]. Rows must be distinct.
 void lora_grouped(const at::Tensor& x, at::Tensor y, const at::Tensor& a, at::TensorList bs, at::IntArrayRef offsets,
-                  const at::Tensor& present, const at::Tensor& group_slot, const at::Tensor& group_ptr,
+                  const at::Tensor& ranks, const at::Tensor& group_slot, const at::Tensor& group_ptr,
                   const at::Tensor& rows) {
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && a.dim() == 3, "lora_grouped: x, y [T, *] and a [S, P*R, K]");
   TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1 && a.is_contiguous(), "lora_grouped: unit inner strides");
@@ -181,9 +182,12 @@ void lora_grouped(const at::Tensor& x, at::Tensor y, const at::Tensor& a, at::Te
               "lora_grouped: contiguous int64 indices");
   const int64_t K = a.size(2), PR = a.size(1), S = a.size(0), R = PR / static_cast<int64_t>(bs.size());
   TORCH_CHECK(x.size(1) == K && PR % static_cast<int64_t>(bs.size()) == 0, "lora_grouped: a's shape");
-  TORCH_CHECK(present.scalar_type() == at::kBool && present.is_contiguous() && present.dim() == 2 &&
-                  present.size(0) == S && present.size(1) == static_cast<int64_t>(bs.size()),
-              "lora_grouped: present must be a contiguous [S, P] bool");
+  TORCH_CHECK(ranks.scalar_type() == at::kInt && ranks.is_contiguous() && ranks.dim() == 2 && ranks.size(0) == S &&
+                  ranks.size(1) == static_cast<int64_t>(bs.size()),
+              "lora_grouped: ranks must be a contiguous [S, P] int32");
+  const int32_t* rk = ranks.const_data_ptr<int32_t>();
+  for (int64_t i = 0; i < ranks.numel(); ++i)
+    TORCH_CHECK(rk[i] >= 0 && rk[i] <= R, "lora_grouped: ranks must lie in [0, ", R, "]");
   const int64_t G = group_slot.size(0);
   TORCH_CHECK(group_ptr.size(0) == G + 1, "lora_grouped: group_ptr has G+1 entries");
   const int64_t* ptr = group_ptr.const_data_ptr<int64_t>();
@@ -214,7 +218,7 @@ void lora_grouped(const at::Tensor& x, at::Tensor y, const at::Tensor& a, at::Te
     std::vector<const scalar_t*> b;
     for (const at::Tensor& bp : bs) b.push_back(bp.const_data_ptr<scalar_t>());
     lora_grouped_impl(x.const_data_ptr<scalar_t>(), x.stride(0), y.mutable_data_ptr<scalar_t>(), y.stride(0),
-                      a.const_data_ptr<scalar_t>(), PR, K, b, parts, R, present.const_data_ptr<bool>(), groups,
+                      a.const_data_ptr<scalar_t>(), PR, K, b, parts, R, rk, groups,
                       total);
   };
   if (x.scalar_type() == at::kFloat)
@@ -226,7 +230,7 @@ void lora_grouped(const at::Tensor& x, at::Tensor y, const at::Tensor& a, at::Te
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(kiln_cpu, m) {
-  m.def("lora_grouped(Tensor x, Tensor(a!) y, Tensor a, Tensor[] bs, int[] offsets, Tensor present, "
+  m.def("lora_grouped(Tensor x, Tensor(a!) y, Tensor a, Tensor[] bs, int[] offsets, Tensor ranks, "
         "Tensor group_slot, Tensor group_ptr, Tensor rows) -> ()");
 }
 
