@@ -179,8 +179,8 @@ def _reference(x: torch.Tensor, base: torch.Tensor, key, row_adapter: list) -> t
                                         ("grouped-cpu", BF16)])
 def test_lora_linear_paths_match_float64(tiny_adapters, mode, dtype) -> None:
     """Decode rows of four adapters (ranks 8, 64, 16 on a subset) interleaved with base rows,
-    then a prefill of 12 rows for one adapter (more than a group holds: it runs alone) and a
-    prefill of another; every row must equal the float64 per-row reference. "grouped-cpu" is
+    then a prefill of 12 rows for one adapter (more than a group holds: it runs alone), one of
+    10 rows for the rank-16 adapter (alone, on 16 of the buffers' 64 rows) and base rows; every row must equal the float64 per-row reference. "grouped-cpu" is
     "grouped" with its decode rows through kiln's C++ kernel (kiln/kernels/cpu/lora.cpp)."""
     cpu_kernel = mode == "grouped-cpu"
     if cpu_kernel:
@@ -191,7 +191,7 @@ def test_lora_linear_paths_match_float64(tiny_adapters, mode, dtype) -> None:
         mode = "grouped"
     a0, a1, a2, a3 = tiny_adapters
     decode = [a0, None, a1, a2, a0, a3, None, a1, a2, a3, a0]
-    prefill = [(a1, 12), (None, 3), (a2, 5)]
+    prefill = [(a1, 12), (None, 3), (a2, 10)]
     row_adapter = decode + [a for a, n in prefill for _ in range(n)]
     T = len(row_adapter)
     segments: dict[int, tuple] = {}
@@ -224,11 +224,11 @@ def test_lora_linear_paths_match_float64(tiny_adapters, mode, dtype) -> None:
             assert plan.num_slots == 0 and len(plan.single) == 4
         else:
             assert not plan.single and context.slots.num_copies == 4  # every adapter slotted, once
-            if mode == "grouped":  # a1 has 2 + 12 rows: it runs on its own rows, not in a group
-                assert len(plan.large) == 1
-                # the other three: padded torch groups, or the kernel's unpadded row lists
+            if mode == "grouped":  # a1 (2 + 12 rows) and a2 (2 + 10) run on their own rows, not in a group
+                assert [context.slots._owner[s][0] for s, _, _ in plan.large] == [a1.uid, a2.uid]
+                assert [r for _, _, r in plan.large] == [64, 16] and context.slots.rank == 64
+                # the other two: padded torch groups, or the kernel's unpadded row lists
                 assert (plan.groups is not None and plan.num_slots == 0) if cpu_kernel else plan.num_slots
-                assert context.slots._owner[plan.large[0][0]][0] == a1.uid
         context.segments = []
 
     if mode == "grouped":

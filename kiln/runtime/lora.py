@@ -293,8 +293,8 @@ class LoraContext:
         # with many (a prefill) runs on its own rows, where padding others to it would waste
         # more than batching saves.
         small = [(rows, s) for (_, rows), s in zip(batched, slots) if _num_rows(rows, num_rows) <= self.max_group_rows]
-        large = [(s, rows if isinstance(rows, slice) else rows.to(device))
-                 for (_, rows), s in zip(batched, slots) if _num_rows(rows, num_rows) > self.max_group_rows]
+        large = [(s, rows if isinstance(rows, slice) else rows.to(device), a.rank)
+                 for (a, rows), s in zip(batched, slots) if _num_rows(rows, num_rows) > self.max_group_rows]
         if not small:
             return LoraPlan(single=single, large=large)
         if self.cpu_kernel:  # each slot's rows as they are: no padding, no gathered copy of x

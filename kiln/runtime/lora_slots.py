@@ -185,7 +185,7 @@ class LoraPlan:
     group_rows: int = 0
     gather: torch.Tensor | None = None  # [num_slots * m] int64
     mask: torch.Tensor | None = None  # [num_slots, m, 1] or None when nothing is padded
-    large: list = field(default_factory=list)  # [(slot, rows)]: slotted adapters with many rows (CPU)
+    large: list = field(default_factory=list)  # [(slot, rows, rank)]: slotted adapters with many rows (CPU)
     # CPU with kiln's C++ kernel: (slot of each group, group_ptr, rows), the rows of group g
     # being rows[group_ptr[g]:group_ptr[g+1]] (kiln.kernels.cpu_ops.lora_grouped)
     groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -212,10 +212,14 @@ def grouped_lora(x: torch.Tensor, y: torch.Tensor, plan: LoraPlan, a: torch.Tens
             t.mul_(plan.mask)  # padding rows (copies of row 0) add nothing
         out = _cat([torch.bmm(t[:, :, p * rank:(p + 1) * rank], bs[p][:n]) for p in range(len(parts))])
         y.index_add_(0, plan.gather, out.view(n * m, -1))  # one scatter for all parts (measured faster)
-    for s, rows in plan.large:
+    for s, rows, r in plan.large:
         xs = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
-        t = xs @ a[s].t()  # [rows, P*R]
-        out = _cat([t[:, p * rank:(p + 1) * rank] @ bs[p][s] for p in range(len(parts))])
+        if r == rank:
+            t = xs @ a[s].t()  # [rows, P*R]
+            out = _cat([t[:, p * rank:(p + 1) * rank] @ bs[p][s] for p in range(len(parts))])
+        else:  # buffers of a larger rank (keep_larger_rank): only the adapter's own r rows of each part
+            t = xs @ a[s].view(len(parts), rank, -1)[:, :r].transpose(1, 2)  # [P, rows, r]
+            out = _cat([t[p] @ bs[p][s, :r] for p in range(len(parts))])
         if isinstance(rows, slice):
             y[rows] += out
         else:
