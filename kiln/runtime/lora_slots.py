@@ -10,7 +10,8 @@ buffers, rank-major and split per part of the fused linear:
     A   [S, P*R, in]   part p's ranks at rows p*R .. p*R + r_p (zero padding after)
     B_p [S, R, N_p]    one per part (q/k/v of qkv_proj, gate/up of gate_up_proj)
 
-R is the largest rank in the batch. A slot stays filled while its adapter's weights are alive
+R is the largest rank in the batch (with the CPU kernel, which reads only each slot's own r_p
+rows, the largest so far: a smaller batch rank does not reallocate). A slot stays filled while its adapter's weights are alive
 (a weak reference to them: eviction and unload invalidate it) and is reused least recently
 used first, so a steady batch copies nothing. On the CPU, rows of the slotted adapters are
 padded into [slots, m, in] groups and each linear runs one gather, one bmm for A, one bmm per
