@@ -4,6 +4,7 @@ torch.profiler table of the forward's operators (self CPU time, top rows).
 
     python bench/profile_decode.py --dtype bfloat16 --seqs 32
     python bench/profile_decode.py --dtype float32 --seqs 1 --top 15
+    python bench/profile_decode.py --seqs 1 --model /tmp/gq/gptq-def --quantize int8   # a GPTQ folder, int8 LM head
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ def main() -> int:
     ap.add_argument("--seqs", type=int, default=32, help="sequences decoding together [default 32]")
     ap.add_argument("--prompt-tokens", type=int, default=112, help="prompt length of each sequence [default 112]")
     ap.add_argument("--steps", type=int, default=20, help="decode steps timed [default 20]")
+    ap.add_argument("--model", default="default", help="model folder or .gguf [default: the default model]")
+    ap.add_argument("--quantize", default=None, help="load-time quantization, as `kiln serve --quantize`")
     ap.add_argument("--top", type=int, default=20, help="operator rows in the profile table [default 20]")
     args = ap.parse_args()
 
@@ -28,7 +31,7 @@ def main() -> int:
     from kiln.runtime.engine import Engine
     from kiln.runtime.request import Request, SamplingParams
 
-    engine = Engine(EngineConfig(dtype=args.dtype, kv_cache_bytes=1 << 30, max_num_seqs=max(64, args.seqs)))
+    engine = Engine(EngineConfig(model=args.model, quantize=args.quantize, dtype=args.dtype, kv_cache_bytes=1 << 30, max_num_seqs=max(64, args.seqs)))
     g = torch.Generator().manual_seed(0)
     params = SamplingParams(temperature=0.0, max_tokens=args.steps * 2 + 8, ignore_eos=True)
     for i in range(args.seqs):

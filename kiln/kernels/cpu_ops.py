@@ -1,6 +1,7 @@
 """kiln's C++ kernels for the CPU, built once per machine: decode attention over the paged
-cache (cpu/paged_decode.cpp), the fused RMSNorm, RoPE and SwiGLU (cpu/fused.cpp) and the
-batched LoRA term of decode rows (cpu/lora.cpp).
+cache (cpu/paged_decode.cpp), the fused RMSNorm, RoPE and SwiGLU (cpu/fused.cpp), the
+batched LoRA term of decode rows (cpu/lora.cpp) and the loop over a pure-decode step's layers
+that issues them from C++ (cpu/decode_step.cpp).
 
 torch.utils.cpp_extension compiles it with the host's own instruction set (-march=native)
 into a folder keyed by the source, torch's version and the CPU's flags, so a cache copied to
@@ -21,7 +22,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _DIR = Path(__file__).with_name("cpu")
-SOURCES = (_DIR / "paged_decode.cpp", _DIR / "fused.cpp", _DIR / "lora.cpp")
+SOURCES = (_DIR / "paged_decode.cpp", _DIR / "fused.cpp", _DIR / "lora.cpp", _DIR / "decode_step.cpp")
 _HEADERS = (_DIR / "vec.h",)
 _lock = threading.Lock()
 _loaded: dict[Path, bool] = {}

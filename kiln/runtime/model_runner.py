@@ -93,10 +93,12 @@ def run_model(model: LlamaForCausalLM, backend, inputs: StepInputs, lora_context
     try:
         state = backend.prepare(inputs.meta)
         args = (inputs.input_ids, inputs.positions)
-        device_forward = getattr(backend, "forward", None)  # a device backend moves tensors, replays graphs
+        # A backend with its own forward: CUDA moves tensors and replays graphs, the CPU runs
+        # pure-decode steps in one C++ loop; both fall back to the model's modules.
+        device_forward = getattr(backend, "forward", None)
         if device_forward is not None:
-            # A captured CUDA graph holds no LoRA term: batches with adapters run eagerly
-            # (their LoRA term goes through the segmented Triton kernels).
+            # A captured CUDA graph (and the CPU's decode loop) holds no LoRA term: batches
+            # with adapters run the modules (their LoRA term goes through the LoRA kernels).
             return device_forward(model, *args, state, inputs.logits_indices,
                                   use_graphs=use_graphs and not segments)
         return model(*args, backend, state, inputs.logits_indices)

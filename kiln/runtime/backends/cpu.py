@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ...kernels import cpu_ops
+from . import cpu_decode
 from ..models.layers import RMSNorm, RotaryEmbedding
 from ..models.llama import MLP, reduce_row_parallel
 from .base import AttentionMetadata
@@ -74,6 +75,7 @@ class CpuBackend:
 
         self.kernels = cpu_ops.load(cache_dir())  # False: no compiler here; pure-torch paths
         self.paged_decode = self.kernels and dtype in (torch.float32, torch.bfloat16)
+        self._loop = None  # (model, its DecodeLoop or None), built at the first pure-decode step
 
     def prepare_model(self, model: torch.nn.Module) -> None:
         """Prepack float32 and bfloat16 linear weights for oneDNN where it is available, and
@@ -92,6 +94,26 @@ class CpuBackend:
         if self.kernels and type(rope) is RotaryEmbedding:
             rope.__class__ = FusedRotaryEmbedding
             rope.cos, rope.sin = rope.cos.float().contiguous(), rope.sin.float().contiguous()
+
+    def forward(self, model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
+                state: CpuStepState, logits_indices: torch.Tensor, use_graphs: bool = True) -> torch.Tensor:
+        """One step. A pure-decode step without LoRA rows (`use_graphs`) runs every decoder
+        layer in one C++ call where the model allows it (backends/cpu_decode.py); other steps
+        run the model's modules."""
+        n = state.num_decode
+        if (use_graphs and state.decode_tables is not None and n == input_ids.numel()
+                and len(logits_indices) == n):
+            loop = self._decode_loop(model)
+            if loop is not None and (loop.max_rows is None or n <= loop.max_rows):
+                return loop.run(model, input_ids, positions, self, state)
+        return model(input_ids, positions, self, state, logits_indices)
+
+    def _decode_loop(self, model: torch.nn.Module):
+        cached = self._loop
+        if cached is None or cached[0] is not model:
+            loop = cpu_decode.build(model, self.kv.dtype) if cpu_decode.enabled() else None
+            cached = self._loop = (model, loop)
+        return cached[1]
 
     def prepare(self, meta: AttentionMetadata) -> CpuStepState:
         """Work shared by all layers of a step: gather indices and masks."""
