@@ -280,3 +280,35 @@ def test_lora_grouped_refuses_bad_indices(kernel_built):
         cpu_ops.lora_grouped(x, y, a, bs, [0], ranks[:1], *ok, torch.tensor([0, 1]))
     with pytest.raises(RuntimeError, match="ranks must lie"):
         cpu_ops.lora_grouped(x, y, a, bs, [0], ranks + 1, *ok, torch.tensor([0, 1]))
+
+
+# -- the one-row bfloat16 linear (cpu/gemv.cpp) ------------------------------------------------
+@pytest.mark.parametrize("M,N,K", [(1, 960, 576), (1, 576, 1536), (3, 48, 6), (2, 16, 2), (1, 64, 34)])
+def test_gemv_bf16_matches_float64(kernel_built, M, N, K):
+    """Every output of every row against float64 sums of the same bfloat16 values (K with an
+    odd number of column pairs, a strided x); the one rounding to bfloat16 is the only error."""
+    if not cpu_ops.gemv_bf16_supported():
+        pytest.skip("this CPU has no AVX512-BF16: kiln keeps oneDNN's linear for one row")
+    g = torch.Generator().manual_seed(N + K)
+    w = torch.randn(N, K, generator=g).bfloat16()
+    x = torch.randn(M, K + 8, generator=g).bfloat16()[:, 4:K + 4]  # row stride K + 8, unit inner stride
+    ref = x.double() @ w.double().t()
+    got = cpu_ops.gemv_bf16(x, cpu_ops.pack_gemv_bf16(w))
+    assert got.dtype == torch.bfloat16 and got.shape == (M, N)
+    # float32 sums rounded once to bfloat16: within half a bfloat16 ulp of |ref| plus sum error
+    bound = ref.abs() * 2.0 ** -8 + 1e-4 * (x.double().abs() @ w.double().abs().t())
+    assert bool(((got.double() - ref).abs() <= bound).all())
+
+
+def test_gemv_bf16_refuses_bad_shapes(kernel_built):
+    if not cpu_ops.gemv_bf16_supported():
+        pytest.skip("this CPU has no AVX512-BF16")
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        cpu_ops.pack_gemv_bf16(torch.zeros(24, 8, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="K even"):
+        cpu_ops.pack_gemv_bf16(torch.zeros(16, 7, dtype=torch.bfloat16))
+    packed = cpu_ops.pack_gemv_bf16(torch.zeros(16, 8, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="K = x's columns"):
+        cpu_ops.gemv_bf16(torch.zeros(1, 6, dtype=torch.bfloat16), packed)
+    with pytest.raises(RuntimeError, match="must be bfloat16"):
+        cpu_ops.gemv_bf16(torch.zeros(1, 8), packed)

@@ -1,7 +1,8 @@
 """kiln's C++ kernels for the CPU, built once per machine: decode attention over the paged
 cache (cpu/paged_decode.cpp), the fused RMSNorm, RoPE and SwiGLU (cpu/fused.cpp), the
-batched LoRA term of decode rows (cpu/lora.cpp) and the loop over a pure-decode step's layers
-that issues them from C++ (cpu/decode_step.cpp).
+batched LoRA term of decode rows (cpu/lora.cpp), the one-row bfloat16 linear
+(cpu/gemv.cpp) and the loop over a pure-decode step's layers that issues them from C++
+(cpu/decode_step.cpp).
 
 torch.utils.cpp_extension compiles it with the host's own instruction set (-march=native)
 into a folder keyed by the source, torch's version and the CPU's flags, so a cache copied to
@@ -22,7 +23,8 @@ import torch
 log = logging.getLogger(__name__)
 
 _DIR = Path(__file__).with_name("cpu")
-SOURCES = (_DIR / "paged_decode.cpp", _DIR / "fused.cpp", _DIR / "lora.cpp", _DIR / "decode_step.cpp")
+SOURCES = (_DIR / "paged_decode.cpp", _DIR / "fused.cpp", _DIR / "lora.cpp", _DIR / "decode_step.cpp",
+           _DIR / "gemv.cpp")
 _HEADERS = (_DIR / "vec.h",)
 _lock = threading.Lock()
 _loaded: dict[Path, bool] = {}
@@ -106,3 +108,18 @@ def lora_grouped(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bs: list[tor
     g are rows[group_ptr[g]:group_ptr[g+1]] (distinct). a [S, P*R, K], bs[p] [S, R, N_p];
     ranks [S, P] int32: the ranks slot s has for part p; the zero rows past them are not read."""
     torch.ops.kiln_cpu.lora_grouped(x, y, a, bs, offsets, ranks, group_slot, group_ptr, rows)
+
+
+def gemv_bf16_supported() -> bool:
+    """Whether gemv_bf16 runs here (the build's CPU has AVX512-BF16)."""
+    return bool(torch.ops.kiln_cpu.gemv_bf16_supported())
+
+
+def pack_gemv_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """bfloat16 [N, K] (N a multiple of 16, K even) -> gemv_bf16's layout [N/16, K/2, 16, 2]."""
+    return torch.ops.kiln_cpu.pack_gemv_bf16(weight)
+
+
+def gemv_bf16(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x [M, K] bfloat16 @ W^T -> [M, N]; meant for M = 1 (each row streams the weight)."""
+    return torch.ops.kiln_cpu.gemv_bf16(x, packed)

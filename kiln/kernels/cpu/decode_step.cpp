@@ -23,14 +23,14 @@ namespace {
 // How a linear's weight is held (kiln/runtime/backends/cpu.py: LINEAR_KINDS).
 enum LinearKind : int64_t {
   kDense = 0,    // weight [out, in] in the activation dtype: at::linear
-  kMkldnn = 1,   // oneDNN-prepacked weight: mkldnn::_linear_pointwise
+  kMkldnn = 1,   // oneDNN-prepacked weight: mkldnn::_linear_pointwise (aux: kiln_cpu::gemv_bf16's copy)
   kInt8 = 2,     // int8 [out, in] + per-channel scales: at::_weight_int8pack_mm
   kInt4 = 3,     // int4pack + scale_zero, optional input permutation: at::_weight_int4pack_mm_for_cpu
 };
 
 struct LinearRef {
   int64_t kind;
-  int64_t group;  // int4: the int4pack group size
+  int64_t group;  // int4: the int4pack group size; oneDNN: rows up to which aux (gemv) is used
   const at::Tensor* w;
   const at::Tensor* aux;   // int8: scales; int4: scale_zero (their dtype is the activation dtype)
   const at::Tensor* perm;  // int4 act-order: input column permutation (numel 0: none)
@@ -45,11 +45,20 @@ at::Tensor linear_pointwise(const at::Tensor& x, const at::Tensor& packed) {
   return op.call(x, packed, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), std::string_view(""));
 }
 
+at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& packed) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("kiln_cpu::gemv_bf16", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  return op.call(x, packed);
+}
+
 at::Tensor run_linear(const LinearRef& l, const at::Tensor& x) {
   switch (l.kind) {
     case kDense:
       return at::linear(x, *l.w);
     case kMkldnn:
+      // aux: the one-row copy of the weight, used up to `group` rows (as Linear.forward does).
+      if (l.aux->numel() > 0 && x.size(0) <= l.group) return gemv_bf16(x, *l.aux);
       return linear_pointwise(x, *l.w);
     case kInt8: {
       const auto act = l.aux->scalar_type();

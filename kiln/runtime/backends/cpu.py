@@ -11,6 +11,7 @@ one sequence at a time, with a causal mask offset by the cached context.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -78,11 +79,17 @@ class CpuBackend:
         self._loop = None  # (model, its DecodeLoop or None), built at the first pure-decode step
 
     def prepare_model(self, model: torch.nn.Module) -> None:
-        """Prepack float32 and bfloat16 linear weights for oneDNN where it is available, and
+        """Prepack float32 and bfloat16 linear weights for oneDNN where it is available, give
+        bfloat16 linears a copy for the one-row kernel (gemv.cpp; KILN_CPU_GEMV=0: none), and
         swap in the fused C++ RMSNorm, RoPE and SwiGLU where kiln's CPU kernels built."""
         from ..models.layers import Linear
 
+        gemv = self.kernels and os.environ.get("KILN_CPU_GEMV", "1") != "0" and cpu_ops.gemv_bf16_supported()
         for module in model.modules():
+            if (gemv and isinstance(module, Linear) and module.weight is not None
+                    and module.weight.dtype == torch.bfloat16 and module.out_features % 16 == 0
+                    and module.in_features % 2 == 0):
+                module.gemv = cpu_ops.pack_gemv_bf16(module.weight.detach())
             if (torch.backends.mkldnn.is_available() and isinstance(module, Linear)
                     and module.weight is not None and module.weight.dtype in _PACKABLE):
                 module.pack_mkldnn()

@@ -17,6 +17,11 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+# Rows up to which a linear with a one-row copy of its weight (Linear.gemv) uses it: at two
+# rows and more oneDNN's kernel is as fast or faster (bench/RESULTS.md).
+GEMV_MAX_ROWS = 1
+
+
 class Linear(nn.Module):
     """The one linear-layer interface: y = x W^T.
 
@@ -30,6 +35,7 @@ class Linear(nn.Module):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.packed: torch.Tensor | None = None  # a backend's prepacked copy of the weight
+        self.gemv: torch.Tensor | None = None  # the CPU backend's one-row copy (kiln_cpu::gemv_bf16)
 
     def pack_mkldnn(self) -> None:
         """Prepack the weight for oneDNN; the dense copy is dropped to save memory.
@@ -46,6 +52,8 @@ class Linear(nn.Module):
         self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemv is not None and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS:
+            return torch.ops.kiln_cpu.gemv_bf16(x, self.gemv)
         if self.packed is not None:
             # Dense in, dense out: no conversion of activations to oneDNN's layout.
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
