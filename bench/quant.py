@@ -65,10 +65,11 @@ def weight_bytes(model: torch.nn.Module) -> int:
             continue
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
-    for m in model.modules():  # oneDNN-prepacked float32 weights live outside parameters
-        packed = getattr(m, "packed", None)
-        if isinstance(packed, torch.Tensor):
-            total += packed.numel() * packed.element_size()
+    for m in model.modules():  # oneDNN-prepacked weights and one-row copies live outside parameters
+        for attr in ("packed", "gemv"):
+            copy = getattr(m, attr, None)
+            if isinstance(copy, torch.Tensor):
+                total += copy.numel() * copy.element_size()
     return total
 
 

@@ -148,3 +148,50 @@ def test_lora_rows_take_the_modules_and_base_rows_the_loop(monkeypatch, loop_cal
     got = run()
     assert got == want
     assert len(loop_calls) == 11  # the base request's decode steps only
+
+
+def test_one_bf16_sequence_agrees_with_transformers_float32(monkeypatch, loop_calls):
+    """A single bf16 stream runs the decode loop with the one-row kernel (gemv.cpp) at every
+    step. Teacher-forced on its tokens, transformers' float32 forward must rank each chosen
+    token at or near its top (bf16 weights and activations move logits by a few tenths)."""
+    from transformers import AutoModelForCausalLM
+
+    from kiln.runtime.models.layers import Linear
+
+    monkeypatch.setenv("KILN_CPU_GEMV", "1")
+    engine = Engine(EngineConfig(dtype="bfloat16", kv_cache_bytes=64 << 20))
+    linears = [m for m in engine.model.modules() if type(m) is Linear]
+    assert len(linears) == 121 and all(m.gemv is not None for m in linears)
+    prompts = [engine.tokenizer.encode(p) for p in (
+        "The capital of France is", "def fibonacci(n):", "Water boils at a temperature of")]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    outputs = [engine.generate([p], params)[0] for p in prompts]  # one sequence at a time
+    assert len(loop_calls) == 3 * 15 and set(loop_calls) == {1}
+    hf = AutoModelForCausalLM.from_pretrained(str(resolve_model("default")), dtype=torch.float32).eval()
+    exact = total = 0
+    with torch.inference_mode():
+        for prompt, toks in zip(prompts, outputs):
+            logits = hf(torch.tensor([prompt + toks])).logits[0, len(prompt) - 1:-1]
+            gap = logits.max(dim=1).values - logits.gather(1, torch.tensor(toks)[:, None])[:, 0]
+            assert float(gap.max()) < 0.5, gap
+            exact += int((gap == 0).sum())
+            total += len(toks)
+    assert exact >= 0.9 * total, (exact, total)
+
+
+def test_gemv_copies_follow_the_memory_rule(monkeypatch):
+    from kiln.runtime.backends.cpu import _want_gemv_copies
+    from kiln.runtime.models.layers import Linear
+
+    with torch.device("meta"):
+        small, huge = Linear(576, 576), Linear(200_000, 200_000)  # 40 G parameters: more than any test host's share
+    small.weight.data, huge.weight.data = small.weight.bfloat16(), huge.weight.bfloat16()
+    monkeypatch.delenv("KILN_CPU_GEMV", raising=False)
+    assert _want_gemv_copies([small]) and not _want_gemv_copies([huge])
+    monkeypatch.setenv("KILN_CPU_GEMV", "1")
+    assert _want_gemv_copies([huge])
+    monkeypatch.setenv("KILN_CPU_GEMV", "0")
+    assert not _want_gemv_copies([small])
+    monkeypatch.setenv("KILN_CPU_GEMV", "yes")
+    with pytest.raises(ValueError, match="use auto, 0 or 1"):
+        _want_gemv_copies([small])

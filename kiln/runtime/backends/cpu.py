@@ -11,6 +11,7 @@ one sequence at a time, with a causal mask offset by the cached context.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -22,6 +23,8 @@ from . import cpu_decode
 from ..models.layers import RMSNorm, RotaryEmbedding
 from ..models.llama import MLP, reduce_row_parallel
 from .base import AttentionMetadata
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,16 +83,17 @@ class CpuBackend:
 
     def prepare_model(self, model: torch.nn.Module) -> None:
         """Prepack float32 and bfloat16 linear weights for oneDNN where it is available, give
-        bfloat16 linears a copy for the one-row kernel (gemv.cpp; KILN_CPU_GEMV=0: none), and
-        swap in the fused C++ RMSNorm, RoPE and SwiGLU where kiln's CPU kernels built."""
+        bfloat16 linears a second copy for the one-row kernel (gemv.cpp) where memory allows
+        (`_want_gemv_copies`), and swap in the fused C++ RMSNorm, RoPE and SwiGLU where kiln's
+        CPU kernels built."""
         from ..models.layers import Linear
 
-        gemv = self.kernels and os.environ.get("KILN_CPU_GEMV", "1") != "0" and cpu_ops.gemv_bf16_supported()
-        for module in model.modules():
-            if (gemv and isinstance(module, Linear) and module.weight is not None
-                    and module.weight.dtype == torch.bfloat16 and module.out_features % 16 == 0
-                    and module.in_features % 2 == 0):
+        gemv_linears = [m for m in model.modules() if isinstance(m, Linear) and m.weight is not None
+                        and m.weight.dtype == torch.bfloat16 and m.out_features % 16 == 0 and m.in_features % 2 == 0]
+        if self.kernels and gemv_linears and cpu_ops.gemv_bf16_supported() and _want_gemv_copies(gemv_linears):
+            for module in gemv_linears:
                 module.gemv = cpu_ops.pack_gemv_bf16(module.weight.detach())
+        for module in model.modules():
             if (torch.backends.mkldnn.is_available() and isinstance(module, Linear)
                     and module.weight is not None and module.weight.dtype in _PACKABLE):
                 module.pack_mkldnn()
@@ -211,6 +215,28 @@ class CpuBackend:
             )
             out[s:s + n] = o.view(Hkv, n, G, D).transpose(0, 1)
         return out.view(T, Hkv * G * D)
+
+
+# The one-row kernel's copies double the bfloat16 weights: by default they are made only while
+# they take at most this share of the machine's memory (the default model: 256 MiB).
+_GEMV_MEMORY_SHARE = 0.1
+
+
+def _want_gemv_copies(linears: list) -> bool:
+    """KILN_CPU_GEMV=1 / 0 forces the copies on / off; `auto` (default) makes them when they
+    fit in _GEMV_MEMORY_SHARE of physical memory, so a large model is not doubled."""
+    setting = os.environ.get("KILN_CPU_GEMV", "auto")
+    if setting not in ("auto", "0", "1"):
+        raise ValueError(f"KILN_CPU_GEMV={setting!r}: use auto, 0 or 1")
+    if setting != "auto":
+        return setting == "1"
+    size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if size > _GEMV_MEMORY_SHARE * memory:
+        log.info("one-row bfloat16 kernel off: its weight copy (%d MiB) would exceed %d%% of memory "
+                 "(KILN_CPU_GEMV=1 forces it)", size >> 20, int(_GEMV_MEMORY_SHARE * 100))
+        return False
+    return True
 
 
 _mask_cache: dict[tuple[int, int], torch.Tensor] = {}
