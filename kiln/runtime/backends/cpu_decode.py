@@ -56,9 +56,13 @@ def enabled() -> bool:
 def build(model: nn.Module, dtype: torch.dtype) -> DecodeLoop | None:
     """Flatten `model` for decode_layers, or None where some layer is not one it can run."""
     from ..lora import LoraLinear
+    from ..models.llama import Attention, DecoderLayer, LlamaForCausalLM
     from .cpu import FusedMLP, FusedRMSNorm, FusedRotaryEmbedding
 
-    if getattr(model, "tp", None) is not None or type(model.rope) is not FusedRotaryEmbedding:
+    # The loop is LlamaForCausalLM's forward written out: any other model (or subclass) keeps
+    # its own modules.
+    if (type(model) is not LlamaForCausalLM or model.tp is not None
+            or type(model.rope) is not FusedRotaryEmbedding or type(model.norm) is not FusedRMSNorm):
         return None
     norms: list[torch.Tensor] = []
     linears: list[torch.Tensor] = []
@@ -67,7 +71,7 @@ def build(model: nn.Module, dtype: torch.dtype) -> DecodeLoop | None:
     eps = None
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        if type(mlp) is not FusedMLP:
+        if type(layer) is not DecoderLayer or type(attn) is not Attention or type(mlp) is not FusedMLP:
             return None
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             if type(norm) is not FusedRMSNorm or norm.weight.dtype != dtype or eps not in (None, norm.eps):
