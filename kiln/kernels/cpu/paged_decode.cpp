@@ -157,6 +157,16 @@ inline void prefetch_row(const uint16_t* next) {
   for (int line = 0; line < D * 2; line += 64) _mm_prefetch(row + line, _MM_HINT_T0);
 }
 
+// A whole cache slot (all KV heads of one position: Hkv x D values) towards L1. When a task
+// holds all KV heads of a sequence, its first head's K pass fetches the next block's K slots
+// whole and this position's V slot, so the V pass and the other heads find their rows in cache
+// instead of each streaming strided rows from memory (in a full model the 30 layers' caches
+// do not stay in cache between steps: 32 sequences x 150 positions, 388 -> 239 us a layer).
+inline void prefetch_slot(const uint16_t* slot, int64_t values) {
+  const char* p = reinterpret_cast<const char*>(slot);
+  for (int64_t line = 0; line < values * 2; line += 64) _mm_prefetch(p + line, _MM_HINT_T0);
+}
+
 template <int D, int G>
 void decode_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, const int64_t* tables,
                  const int64_t* lens, c10::BFloat16* out, int64_t B, int64_t Hkv, int64_t max_blocks,
@@ -179,7 +189,13 @@ void decode_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, const 
           for (int p = 0; p < P; ++p)
             qv[g][p] = (__m512bh)_mm512_loadu_si512(q + ((b * Hkv + h) * G + g) * D + p * 32);
         for_each_row(k, table, L, block_size, slot_stride, h * D, [&](const uint16_t* kr, int64_t t, const uint16_t* next) {
-          prefetch_row<D>(next);
+          if (h == h0 && heads > 1) {
+            // This position's V slot too: the V pass reads it right after this pass.
+            if (next != nullptr) prefetch_slot(next - h * D, slot_stride);
+            prefetch_slot(v + (kr - k) - h * D, slot_stride);
+          } else {
+            prefetch_row<D>(next);
+          }
           __m512bh kv[P];
           for (int p = 0; p < P; ++p) kv[p] = (__m512bh)_mm512_loadu_si512(kr + p * 32);
           for (int g = 0; g < G; ++g) {
@@ -199,7 +215,7 @@ void decode_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, const 
         for (int g = 0; g < G; ++g)
           for (int i = 0; i < V; ++i) acc[g][i] = _mm512_setzero_ps();
         for_each_row(v, table, L, block_size, slot_stride, h * D, [&](const uint16_t* vr, int64_t t, const uint16_t* next) {
-          prefetch_row<D>(next);
+          if (h != h0 || heads == 1) prefetch_row<D>(next);
           __m512 vf[V];
           for (int i = 0; i < V; ++i) vf[i] = kiln::bf16x16_to_f32(vr + i * 16);
           for (int g = 0; g < G; ++g) {
