@@ -58,7 +58,7 @@ at::Tensor run_linear(const LinearRef& l, const at::Tensor& x) {
       return at::linear(x, *l.w);
     case kMkldnn:
       // aux: the one-row copy of the weight, used up to `group` rows (as Linear.forward does).
-      if (l.aux->numel() > 0 && x.size(0) <= l.group) return gemv_bf16(x, *l.aux);
+      if (l.aux->numel() > 0 && x.size(0) <= l.group && x.stride(1) == 1) return gemv_bf16(x, *l.aux);
       return linear_pointwise(x, *l.w);
     case kInt8: {
       const auto act = l.aux->scalar_type();

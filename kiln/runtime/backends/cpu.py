@@ -218,23 +218,24 @@ class CpuBackend:
 
 
 # The one-row kernel's copies double the bfloat16 weights: by default they are made only while
-# they take at most this share of the machine's memory (the default model: 256 MiB).
+# they take at most this share of available memory (the default model's: 256 MiB).
 _GEMV_MEMORY_SHARE = 0.1
 
 
 def _want_gemv_copies(linears: list) -> bool:
     """KILN_CPU_GEMV=1 / 0 forces the copies on / off; `auto` (default) makes them when they
-    fit in _GEMV_MEMORY_SHARE of physical memory, so a large model is not doubled."""
+    fit in _GEMV_MEMORY_SHARE of available memory, so a large model is not doubled."""
     setting = os.environ.get("KILN_CPU_GEMV", "auto")
     if setting not in ("auto", "0", "1"):
         raise ValueError(f"KILN_CPU_GEMV={setting!r}: use auto, 0 or 1")
     if setting != "auto":
         return setting == "1"
+    import psutil  # as the KV budget: available memory
+
     size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if size > _GEMV_MEMORY_SHARE * memory:
-        log.info("one-row bfloat16 kernel off: its weight copy (%d MiB) would exceed %d%% of memory "
-                 "(KILN_CPU_GEMV=1 forces it)", size >> 20, int(_GEMV_MEMORY_SHARE * 100))
+    if size > _GEMV_MEMORY_SHARE * psutil.virtual_memory().available:
+        log.info("one-row bfloat16 kernel off: its weight copy (%d MiB) would exceed %d%% of available "
+                 "memory (KILN_CPU_GEMV=1 forces it)", size >> 20, int(_GEMV_MEMORY_SHARE * 100))
         return False
     return True
 

@@ -52,7 +52,7 @@ class Linear(nn.Module):
         self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gemv is not None and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS:
+        if self.gemv is not None and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and x.stride(1) == 1:
             return torch.ops.kiln_cpu.gemv_bf16(x, self.gemv)
         if self.packed is not None:
             # Dense in, dense out: no conversion of activations to oneDNN's layout.
