@@ -62,12 +62,12 @@ inline void gemv_block(const uint16_t* w, const uint16_t* x, int64_t K, uint16_t
 
 // x [M, K] bfloat16 (unit inner stride), packed from pack_gemv_bf16 -> y [M, N].
 at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& packed) {
-  TORCH_CHECK(KILN_GEMV, "gemv_bf16: this CPU has no AVX512-BF16");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kBFloat16,
               "gemv_bf16: x must be bfloat16 [M, K] with unit inner stride");
   TORCH_CHECK(packed.dim() == 4 && packed.is_contiguous() && packed.scalar_type() == at::kBFloat16 &&
                   packed.size(2) == kBlock && packed.size(3) == 2 && packed.size(1) * 2 == x.size(1),
               "gemv_bf16: packed must come from pack_gemv_bf16 of a [N, K] weight, K = x's columns");
+  TORCH_CHECK(KILN_GEMV, "gemv_bf16: this CPU has no AVX512-BF16");  // after the argument checks, which hold anywhere
   const int64_t M = x.size(0), K = x.size(1), blocks = packed.size(0), N = blocks * kBlock;
   auto y = at::empty({M, N}, x.options());
 #if KILN_GEMV
