@@ -47,12 +47,16 @@ def kernel_built() -> bool:
     return built
 
 
-def _decode_case(B: int, Hkv: int, G: int, D: int, dtype: torch.dtype, seed: int = 0):
+def _decode_case(B: int, Hkv: int, G: int, D: int, dtype: torch.dtype, seed: int = 0, max_len: int = 150,
+                 fixed: dict[int, int] | None = None):
     g = torch.Generator().manual_seed(seed)
-    lens = torch.randint(1, 150, (B,), generator=g)
+    lens = torch.randint(1, max_len, (B,), generator=g)
     lens[0] = 1  # a context of one token
     if B > 1:
         lens[1] = 2 * BS  # ends exactly on a block boundary
+    for b, n in (fixed or {}).items():
+        if b < B:
+            lens[b] = n
     blocks = int(-(-lens.max() // BS))
     num_blocks = B * blocks + 3
     perm = torch.randperm(num_blocks, generator=g)
@@ -77,6 +81,36 @@ def test_paged_decode_kernel_matches_float64_reference(kernel_built, dtype, B, H
     err = (got.view(B, Hkv * G, D).double() - ref).abs().max().item()
     # bfloat16: the output's own rounding (8 bits of mantissa on values of magnitude ~1).
     assert err < (1.6e-2 if dtype == torch.bfloat16 else 1e-5), err
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("B,G", [(1, 3), (3, 3), (10, 3), (2, 8)])
+def test_paged_decode_kernel_long_contexts_match_float64_reference(kernel_built, dtype, B, G):
+    """Contexts past the kernel's 256-position chunks: the bfloat16 kernel splits them and merges
+    the chunks' partial softmaxes (a context of exactly two chunks, one a position past it, the
+    rest random up to ~3 chunks), a few sequences or many."""
+    Hkv, D = 3, 64
+    q, k, v, tables, lens = _decode_case(B, Hkv, G, D, dtype, seed=B, max_len=800, fixed={0: 512, 2: 257})
+    # Make one chunk's scores far above another's: the merge must rescale, not add raw sums.
+    k[tables[0, 0] * BS:(tables[0, 0] + 1) * BS] *= 4
+    scale = D ** -0.5
+    got = cpu_ops.paged_decode(q.view(B, Hkv, G, D), k, v, tables, lens, BS, scale)
+    ref = decode_reference(q, k, v, tables, lens, scale)
+    err = (got.view(B, Hkv * G, D).double() - ref).abs().max().item()
+    assert err < (1.6e-2 if dtype == torch.bfloat16 else 1e-5), err
+
+
+def test_paged_decode_kernel_result_does_not_depend_on_the_batch(kernel_built):
+    """A sequence's output is the same alone or among others (its chunking follows its own
+    length, and the task layout does not change the arithmetic)."""
+    B, Hkv, G, D = 12, 3, 3, 64
+    q, k, v, tables, lens = _decode_case(B, Hkv, G, D, torch.bfloat16, seed=3, max_len=900)
+    q4 = q.view(B, Hkv, G, D)
+    together = cpu_ops.paged_decode(q4, k, v, tables, lens, BS, 0.125)
+    for b in (0, 5, 11):
+        alone = cpu_ops.paged_decode(q4[b:b + 1].contiguous(), k, v, tables[b:b + 1].contiguous(),
+                                     lens[b:b + 1].contiguous(), BS, 0.125)
+        assert torch.equal(alone[0], together[b]), b
 
 
 def test_paged_decode_kernel_refuses_bad_inputs(kernel_built):

@@ -2,7 +2,9 @@
 // query against its cached context, read in place through its block table (no gather copy).
 //
 // One task per sequence (or per (sequence, KV head) for small batches): the G query heads of a
-// GQA group share each K/V row read from memory. Scores and the running output are float32 whatever the cache dtype.
+// GQA group share each K/V row read from memory. The bfloat16 kernel also splits contexts
+// longer than 256 positions into chunks and merges their partial softmaxes (flash-decoding),
+// so a few long sequences keep both threads busy reading whole cache slots. Scores and the running output are float32 whatever the cache dtype.
 // Built at run time by kiln/kernels/cpu_ops.py (torch.utils.cpp_extension); registered as
 // torch.ops.kiln_cpu.paged_decode.
 #include <ATen/ATen.h>
@@ -39,18 +41,18 @@ inline void load_row(const c10::BFloat16* src, float* dst, int64_t D) {
   }
 }
 
-// Visits every cached position t < L of one sequence, block by block (no division per token:
-// a block's slots are consecutive): visit(row, t, next) with `row` the position's cache row at
-// `offset`, and `next` the same row of the following block (nullptr in the last block), for
-// prefetching.
+// Visits the cached positions t_begin <= t < t_end of one sequence (t_begin on a block boundary),
+// block by block (no division per token: a block's slots are consecutive): visit(row, t, next)
+// with `row` the position's cache row at `offset`, and `next` the same row of the following
+// block (nullptr in the range's last block), for prefetching.
 template <typename T, typename Visit>
-inline void for_each_row(const T* cache, const int64_t* table, int64_t L, int64_t block_size,
-                         int64_t slot_stride, int64_t offset, Visit&& visit) {
-  for (int64_t t0 = 0; t0 < L; t0 += block_size) {
+inline void for_each_row(const T* cache, const int64_t* table, int64_t t_begin, int64_t t_end,
+                         int64_t block_size, int64_t slot_stride, int64_t offset, Visit&& visit) {
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += block_size) {
     const int64_t blk = t0 / block_size;
     const T* row = cache + table[blk] * block_size * slot_stride + offset;
-    const T* next = t0 + block_size < L ? cache + table[blk + 1] * block_size * slot_stride + offset : nullptr;
-    const int64_t n = std::min(block_size, L - t0);
+    const T* next = t0 + block_size < t_end ? cache + table[blk + 1] * block_size * slot_stride + offset : nullptr;
+    const int64_t n = std::min(block_size, t_end - t0);
     for (int64_t j = 0; j < n; ++j, row += slot_stride)
       visit(row, t0 + j, next == nullptr ? nullptr : next + j * slot_stride);
   }
@@ -119,7 +121,7 @@ void decode(const T* q, const T* k, const T* v, const int64_t* tables, const int
       for (int64_t i = 0; i < QH * D; ++i) qf[i] = to_float(qb[i]) * scale;
       scores.resize(QH * L);
       // Scores: q . k for every cached position; each K row converted once for its G queries.
-      for_each_row(k, table, L, block_size, slot_stride, h0 * D, [&](const T* kr, int64_t t, const T*) {
+      for_each_row(k, table, 0, L, block_size, slot_stride, h0 * D, [&](const T* kr, int64_t t, const T*) {
         load_row(kr, row.data(), heads * D);
         for (int64_t qh = 0; qh < QH; ++qh)
           scores[qh * L + t] = dot(qf.data() + qh * D, row.data() + (qh / G) * D, D);
@@ -132,7 +134,7 @@ void decode(const T* q, const T* k, const T* v, const int64_t* tables, const int
       }
       // Output: the probability-weighted sum of V rows, each row converted once.
       std::fill(acc.begin(), acc.end(), 0.f);
-      for_each_row(v, table, L, block_size, slot_stride, h0 * D, [&](const T* vr, int64_t t, const T*) {
+      for_each_row(v, table, 0, L, block_size, slot_stride, h0 * D, [&](const T* vr, int64_t t, const T*) {
         load_row(vr, row.data(), heads * D);
         for (int64_t qh = 0; qh < QH; ++qh)
           axpy(scores[qh * L + t], row.data() + (qh / G) * D, acc.data() + qh * D, D);
@@ -167,6 +169,13 @@ inline void prefetch_slot(const uint16_t* slot, int64_t values) {
   for (int64_t line = 0; line < values * 2; line += 64) _mm_prefetch(p + line, _MM_HINT_T0);
 }
 
+// A long context is split into chunks of this many positions (rounded to whole blocks) whose
+// partial softmax results are merged at the end (flash-decoding): a few long sequences then
+// still make enough tasks for both threads, each task reading whole cache slots with the
+// prefetch above. The split depends on a sequence's own length only, never on the batch, so
+// its result does too; a context of one chunk is computed exactly as without splitting.
+constexpr int64_t kChunkPositions = 256;
+
 template <int D, int G>
 void decode_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, const int64_t* tables,
                  const int64_t* lens, c10::BFloat16* out, int64_t B, int64_t Hkv, int64_t max_blocks,
@@ -174,21 +183,36 @@ void decode_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, const 
   constexpr int P = D / 32;  // zmm of bf16 pairs per row
   constexpr int V = D / 16;  // zmm of float32 per row
   const int64_t slot_stride = Hkv * D;
-  const int64_t heads = B >= 4 * at::get_num_threads() ? Hkv : 1;
-  const int64_t tasks_per_seq = Hkv / heads;
-  at::parallel_for(0, B * tasks_per_seq, 1, [&](int64_t begin, int64_t end) {
+  const int64_t chunk = std::max<int64_t>(1, kChunkPositions / block_size) * block_size;
+  std::vector<int64_t> first_chunk(B + 1, 0);  // sequence b owns chunks [first_chunk[b], first_chunk[b + 1])
+  for (int64_t b = 0; b < B; ++b) first_chunk[b + 1] = first_chunk[b] + (lens[b] + chunk - 1) / chunk;
+  const int64_t chunks = first_chunk[B];
+  // A task is one chunk with all its KV heads, so each cache block is read as one contiguous
+  // run (block_size slots x Hkv x D); with fewer chunks than a few per thread the heads are
+  // split over tasks instead, to keep every thread busy.
+  const int64_t heads = chunks >= 4 * at::get_num_threads() ? Hkv : 1;
+  const int64_t tasks_per_chunk = Hkv / heads;
+  // Chunks of split sequences leave their unnormalised output, running max and sum here.
+  const bool any_split = chunks > B;
+  std::vector<float> part_acc(any_split ? chunks * Hkv * G * D : 0);
+  std::vector<float> part_max(any_split ? chunks * Hkv * G : 0), part_sum(part_max.size());
+  at::parallel_for(0, chunks * tasks_per_chunk, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / tasks_per_seq, h0 = (task % tasks_per_seq) * heads;
+      const int64_t c = task / tasks_per_chunk, h0 = (task % tasks_per_chunk) * heads;
+      const int64_t b = std::upper_bound(first_chunk.begin(), first_chunk.end(), c) - first_chunk.begin() - 1;
       const int64_t L = lens[b];
+      const bool split = first_chunk[b + 1] - first_chunk[b] > 1;
+      const int64_t t_begin = (c - first_chunk[b]) * chunk, t_end = std::min(L, t_begin + chunk);
+      const int64_t n = t_end - t_begin;
       const int64_t* table = tables + b * max_blocks;
-      scores.resize(G * L);
+      scores.resize(G * n);
       for (int64_t h = h0; h < h0 + heads; ++h) {
         __m512bh qv[G][P];
         for (int g = 0; g < G; ++g)
           for (int p = 0; p < P; ++p)
             qv[g][p] = (__m512bh)_mm512_loadu_si512(q + ((b * Hkv + h) * G + g) * D + p * 32);
-        for_each_row(k, table, L, block_size, slot_stride, h * D, [&](const uint16_t* kr, int64_t t, const uint16_t* next) {
+        for_each_row(k, table, t_begin, t_end, block_size, slot_stride, h * D, [&](const uint16_t* kr, int64_t t, const uint16_t* next) {
           if (h == h0 && heads > 1) {
             // This position's V slot too: the V pass reads it right after this pass.
             if (next != nullptr) prefetch_slot(next - h * D, slot_stride);
@@ -201,33 +225,67 @@ void decode_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, const 
           for (int g = 0; g < G; ++g) {
             __m512 a = _mm512_setzero_ps();
             for (int p = 0; p < P; ++p) a = _mm512_dpbf16_ps(a, qv[g][p], kv[p]);
-            scores[g * L + t] = _mm512_reduce_add_ps(a) * scale;
+            scores[g * n + (t - t_begin)] = _mm512_reduce_add_ps(a) * scale;
           }
         });
-        float inv_sum[G];
+        float row_max[G], row_sum[G];
         for (int g = 0; g < G; ++g) {
-          float* sg = scores.data() + g * L;
+          float* sg = scores.data() + g * n;
           float m = -std::numeric_limits<float>::infinity();
-          for (int64_t t = 0; t < L; ++t) m = std::max(m, sg[t]);
-          inv_sum[g] = 1.f / exp_sub_sum(sg, L, m);
+          for (int64_t t = 0; t < n; ++t) m = std::max(m, sg[t]);
+          row_max[g] = m;
+          row_sum[g] = exp_sub_sum(sg, n, m);
         }
         __m512 acc[G][V];
         for (int g = 0; g < G; ++g)
           for (int i = 0; i < V; ++i) acc[g][i] = _mm512_setzero_ps();
-        for_each_row(v, table, L, block_size, slot_stride, h * D, [&](const uint16_t* vr, int64_t t, const uint16_t* next) {
+        for_each_row(v, table, t_begin, t_end, block_size, slot_stride, h * D, [&](const uint16_t* vr, int64_t t, const uint16_t* next) {
           if (h != h0 || heads == 1) prefetch_row<D>(next);
           __m512 vf[V];
           for (int i = 0; i < V; ++i) vf[i] = kiln::bf16x16_to_f32(vr + i * 16);
           for (int g = 0; g < G; ++g) {
-            const __m512 pv = _mm512_set1_ps(scores[g * L + t]);
+            const __m512 pv = _mm512_set1_ps(scores[g * n + (t - t_begin)]);
             for (int i = 0; i < V; ++i) acc[g][i] = _mm512_fmadd_ps(pv, vf[i], acc[g][i]);
           }
         });
         for (int g = 0; g < G; ++g) {
-          const __m512 iv = _mm512_set1_ps(inv_sum[g]);
+          if (split) {
+            const int64_t at = (c * Hkv + h) * G + g;
+            part_max[at] = row_max[g];
+            part_sum[at] = row_sum[g];
+            for (int i = 0; i < V; ++i) _mm512_storeu_ps(part_acc.data() + at * D + i * 16, acc[g][i]);
+            continue;
+          }
+          const __m512 iv = _mm512_set1_ps(1.f / row_sum[g]);
           uint16_t* ob = reinterpret_cast<uint16_t*>(out + ((b * Hkv + h) * G + g) * D);
           for (int i = 0; i < V; ++i) kiln::f32x16_to_bf16(_mm512_mul_ps(acc[g][i], iv), ob + i * 16);
         }
+      }
+    }
+  });
+  if (!any_split) return;
+  // Merge the chunks of each split sequence: rescale every chunk to the overall max.
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t c0 = first_chunk[b], c1 = first_chunk[b + 1];
+      if (c1 - c0 == 1) continue;
+      for (int64_t hg = 0; hg < Hkv * G; ++hg) {
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t c = c0; c < c1; ++c) m = std::max(m, part_max[c * Hkv * G + hg]);
+        __m512 acc[V];
+        for (int i = 0; i < V; ++i) acc[i] = _mm512_setzero_ps();
+        float sum = 0.f;
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t at = c * Hkv * G + hg;
+          const float w = std::exp(part_max[at] - m);
+          sum += part_sum[at] * w;
+          const __m512 wv = _mm512_set1_ps(w);
+          for (int i = 0; i < V; ++i)
+            acc[i] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(part_acc.data() + at * D + i * 16), acc[i]);
+        }
+        const __m512 iv = _mm512_set1_ps(1.f / sum);
+        uint16_t* ob = reinterpret_cast<uint16_t*>(out + (b * Hkv * G + hg) * D);
+        for (int i = 0; i < V; ++i) kiln::f32x16_to_bf16(_mm512_mul_ps(acc[i], iv), ob + i * 16);
       }
     }
   });
