@@ -347,3 +347,32 @@ def test_gemv_bf16_refuses_bad_shapes(kernel_built):
         cpu_ops.gemv_bf16(torch.zeros(1, 6, dtype=torch.bfloat16), packed)
     with pytest.raises(RuntimeError, match="must be bfloat16"):
         cpu_ops.gemv_bf16(torch.zeros(1, 8), packed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,V", [(1, 49152), (64, 49152), (5, 1000), (3, 7)])
+def test_argmax_rows_matches_torch(kernel_built, dtype, N, V):
+    """The sampler's argmax kernel against torch.max(dim).indices: the first index of a tied
+    maximum, a maximum in the scalar tail, -inf rows, NaN (counts as the maximum, first one),
+    and rows of a wider tensor (a row stride past V)."""
+    g = torch.Generator().manual_seed(N * V)
+    wide = torch.randn(N, V + 5, generator=g).to(dtype)
+    x = wide[:, :V]
+    x[0, V // 3] = x[0, 2 * V // 3] = 50  # a tie: the first wins
+    if N > 1:
+        x[1, V - 1] = 60  # in the tail past the last 16 columns
+    if N > 2:
+        x[2] = float("-inf")
+    if N > 3:
+        x[3, V // 2] = x[3, V - 2] = float("nan")
+    got = cpu_ops.argmax_rows(x)
+    assert got.dtype == torch.long
+    assert torch.equal(got, x.max(dim=-1).indices)
+    assert got[0] == V // 3
+
+
+def test_argmax_rows_refuses_bad_inputs(kernel_built):
+    with pytest.raises(RuntimeError, match="unit inner stride"):
+        cpu_ops.argmax_rows(torch.zeros(4, 8).t())
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        cpu_ops.argmax_rows(torch.zeros(2, 8, dtype=torch.float64))

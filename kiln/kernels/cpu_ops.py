@@ -1,8 +1,8 @@
 """kiln's C++ kernels for the CPU, built once per machine: decode attention over the paged
 cache (cpu/paged_decode.cpp), the fused RMSNorm, RoPE and SwiGLU (cpu/fused.cpp), the
 batched LoRA term of decode rows (cpu/lora.cpp), the one-row bfloat16 linear
-(cpu/gemv.cpp) and the loop over a pure-decode step's layers that issues them from C++
-(cpu/decode_step.cpp).
+(cpu/gemv.cpp), the loop over a pure-decode step's layers that issues them from C++
+(cpu/decode_step.cpp) and the sampler's row-wise argmax (cpu/argmax.cpp).
 
 torch.utils.cpp_extension compiles it with the host's own instruction set (-march=native)
 into a folder keyed by the source, torch's version and the CPU's flags, so a cache copied to
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 _DIR = Path(__file__).with_name("cpu")
 SOURCES = (_DIR / "paged_decode.cpp", _DIR / "fused.cpp", _DIR / "lora.cpp", _DIR / "decode_step.cpp",
-           _DIR / "gemv.cpp")
+           _DIR / "gemv.cpp", _DIR / "argmax.cpp")
 _HEADERS = (_DIR / "vec.h",)
 _lock = threading.Lock()
 _loaded: dict[Path, bool] = {}
@@ -108,6 +108,17 @@ def lora_grouped(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bs: list[tor
     g are rows[group_ptr[g]:group_ptr[g+1]] (distinct). a [S, P*R, K], bs[p] [S, R, N_p];
     ranks [S, P] int32: the ranks slot s has for part p; the zero rows past them are not read."""
     torch.ops.kiln_cpu.lora_grouped(x, y, a, bs, offsets, ranks, group_slot, group_ptr, rows)
+
+
+def has_argmax_rows() -> bool:
+    """Whether argmax_rows is registered (the kernels were built and loaded in this process)."""
+    return hasattr(torch.ops, "kiln_cpu") and hasattr(torch.ops.kiln_cpu, "argmax_rows")
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """[N, V] float32 or bfloat16 (unit inner stride) -> [N] int64: the first index of each row's
+    maximum, a NaN counting as the maximum (as torch.max(dim=-1).indices)."""
+    return torch.ops.kiln_cpu.argmax_rows(x)
 
 
 def gemv_bf16_supported() -> bool:

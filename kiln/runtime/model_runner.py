@@ -21,7 +21,7 @@ from .scheduler import ScheduledBatch, Sequence
 
 @dataclass
 class StepResult:
-    logits: torch.Tensor  # [len(sampled), vocab] float32
+    logits: torch.Tensor  # [len(sampled), vocab] float32 (the CPU decode loop: the model's dtype)
     sampled: list[Sequence]  # sequences whose last token was computed: they get a new token
     forward_seconds: float
 

@@ -38,14 +38,15 @@ class DecodeLoop:
     eps: float
 
     def run(self, model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor, backend, state) -> torch.Tensor:
-        """Logits (float32) of every row of a pure-decode step."""
+        """Logits of every row of a pure-decode step, in the LM head's dtype: the sampler reads any
+        float dtype, and greedy rows (the common case) need no float32 copy of [rows, vocab]."""
         h = model.embed_tokens(input_ids)
         residual = torch.ops.kiln_cpu.decode_layers(
             h, positions, state.slot_mapping, state.decode_tables, state.decode_lens, backend.kv,
             model.rope.cos, model.rope.sin, self.norms, self.linears, self.kinds,
             self.num_heads, self.num_kv_heads, self.head_dim, backend.block_size, self.eps, backend.scale,
         )
-        return model.lm_head(model.norm(residual)).float()
+        return model.lm_head(model.norm(residual))
 
 
 def enabled() -> bool:
