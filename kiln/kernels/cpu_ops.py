@@ -1,5 +1,5 @@
-"""kiln's C++ kernels for the CPU, built once per machine: decode attention over the paged
-cache (cpu/paged_decode.cpp), the fused RMSNorm, RoPE and SwiGLU (cpu/fused.cpp), the
+"""kiln's C++ kernels for the CPU, built once per machine: decode and prefill attention over the
+paged cache (cpu/paged_decode.cpp, cpu/paged_prefill.cpp), the fused RMSNorm, RoPE and SwiGLU (cpu/fused.cpp), the
 batched LoRA term of decode rows (cpu/lora.cpp), the one-row bfloat16 linear
 (cpu/gemv.cpp), the loop over a pure-decode step's layers that issues them from C++
 (cpu/decode_step.cpp) and the sampler's row-wise argmax (cpu/argmax.cpp).
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 _DIR = Path(__file__).with_name("cpu")
 SOURCES = (_DIR / "paged_decode.cpp", _DIR / "fused.cpp", _DIR / "lora.cpp", _DIR / "decode_step.cpp",
-           _DIR / "gemv.cpp", _DIR / "argmax.cpp")
+           _DIR / "gemv.cpp", _DIR / "argmax.cpp", _DIR / "paged_prefill.cpp")
 _HEADERS = (_DIR / "vec.h",)
 _lock = threading.Lock()
 _loaded: dict[Path, bool] = {}
@@ -84,6 +84,21 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                  context_lens: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
     """q [B, Hkv, G, D]; caches [slots, Hkv, D]; tables [B, blocks] and lens [B] int64."""
     return torch.ops.kiln_cpu.paged_decode(q, k_cache, v_cache, block_tables, context_lens, block_size, scale)
+
+
+def paged_prefill_supported(head_dim: int, group: int) -> bool:
+    """Whether paged_prefill runs here for this head size and GQA group (AVX512-BF16, bfloat16)."""
+    return bool(torch.ops.kiln_cpu.paged_prefill_supported(head_dim, group))
+
+
+def paged_prefill(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  block_tables: torch.Tensor, query_starts: torch.Tensor, query_lens: torch.Tensor,
+                  context_lens: torch.Tensor, block_size: int, scale: float) -> None:
+    """Causal attention of every prefill's new queries over its whole cached context, into the
+    prefills' rows of out [T, Hkv, G, D] (other rows untouched). q [T, Hkv * G, D]; caches
+    [slots, Hkv, D]; block_tables [P, blocks], query_starts / query_lens / context_lens [P], int64."""
+    torch.ops.kiln_cpu.paged_prefill(out, q, k_cache, v_cache, block_tables, query_starts, query_lens,
+                                     context_lens, block_size, scale)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -44,13 +44,24 @@ class _DecodeGroup:
 
 
 @dataclass
+class _PrefillBatch:
+    """Every prefill of a step for the C++ prefill kernel (int64 each)."""
+
+    tables: torch.Tensor  # [P, blocks], padded
+    starts: torch.Tensor  # [P] first row in the flat batch
+    query_lens: torch.Tensor  # [P]
+    context_lens: torch.Tensor  # [P]
+
+
+@dataclass
 class CpuStepState:
     slot_mapping: torch.Tensor
     num_decode: int
     decode_groups: list[_DecodeGroup]  # the gather + SDPA path
     decode_tables: torch.Tensor | None  # the C++ kernel's path: [num_decode, blocks] int64
     decode_lens: torch.Tensor | None
-    prefills: list[_PrefillPlan]
+    prefills: list[_PrefillPlan]  # the SDPA path
+    prefill_batch: _PrefillBatch | None = None  # the C++ kernel's path
 
 
 _PACKABLE = (torch.float32, torch.bfloat16)
@@ -79,6 +90,9 @@ class CpuBackend:
 
         self.kernels = cpu_ops.load(cache_dir())  # False: no compiler here; pure-torch paths
         self.paged_decode = self.kernels and dtype in (torch.float32, torch.bfloat16)
+        # Prefill attention in one C++ call per layer (AMX tiles): bfloat16 on a CPU with AMX.
+        self.paged_prefill = (self.kernels and dtype == torch.bfloat16
+                              and cpu_ops.paged_prefill_supported(head_dim, self.group))
         self._loop = None  # (model, its DecodeLoop or None), built at the first pure-decode step
 
     def prepare_model(self, model: torch.nn.Module) -> None:
@@ -131,9 +145,9 @@ class CpuBackend:
         bs = self.block_size
         groups = []
         nd = meta.num_decode
-        tables = lens = None
+        tables_d = lens = None
         if nd and self.paged_decode:
-            tables = meta.decode_block_tables.to(torch.long).contiguous()
+            tables_d = meta.decode_block_tables.to(torch.long).contiguous()
             lens = meta.decode_context_lens.to(torch.long).contiguous()
         elif nd:
             lens = meta.decode_context_lens
@@ -147,6 +161,16 @@ class CpuBackend:
                     start, end, meta.decode_block_tables[start:end, :blocks].flatten(),
                     mask.view(end - start, 1, 1, blocks * bs),
                 ))
+        if meta.prefills and self.paged_prefill:
+            ps = meta.prefills
+            width = max(len(p.block_ids) for p in ps)
+            tables = torch.zeros(len(ps), width, dtype=torch.long)
+            for i, p in enumerate(ps):
+                tables[i, :len(p.block_ids)] = p.block_ids
+            batch = _PrefillBatch(tables, torch.tensor([p.query_start for p in ps]),
+                                  torch.tensor([p.query_len for p in ps]),
+                                  torch.tensor([p.context_len for p in ps]))
+            return CpuStepState(meta.slot_mapping, nd, groups, tables_d, lens, [], batch)
         plans = []
         for p in meta.prefills:
             if p.context_len == p.query_len:
@@ -160,7 +184,7 @@ class CpuBackend:
                 _PrefillPlan(p.query_start, p.query_len, slots,
                              mask.repeat_interleave(self.group, dim=0))
             )
-        return CpuStepState(meta.slot_mapping, nd, groups, tables, lens, plans)
+        return CpuStepState(meta.slot_mapping, nd, groups, tables_d, lens, plans)
 
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   state: CpuStepState) -> torch.Tensor:
@@ -189,6 +213,10 @@ class CpuBackend:
             out[g.start:g.end] = F.scaled_dot_product_attention(
                 q[g.start:g.end].view(rows, Hkv, G, D), kd, vd, attn_mask=g.mask, scale=self.scale
             )
+        pb = state.prefill_batch
+        if pb is not None:
+            cpu_ops.paged_prefill(out, q, k_cache, v_cache, pb.tables, pb.starts, pb.query_lens,
+                                  pb.context_lens, bs, self.scale)
         for p in state.prefills:
             s, n = p.start, p.length
             if p.gather is None and n >= _GQA_CAUSAL_FROM:

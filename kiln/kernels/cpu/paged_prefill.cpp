@@ -1,0 +1,288 @@
+// Prefill attention over the paged KV cache, for the CPU, bfloat16: every prefill (or prefill
+// chunk) of a step in one call per layer. Each sequence's new queries attend causally to its
+// whole context (cached prefix + the new tokens, already written to the cache), read in place
+// through its block table, so a prompt behind a cached prefix needs no gather copy and no mask.
+//
+// A task is (sequence, KV head, tile of 16 query positions). The tile's queries sit in the 16
+// lanes of a zmm (one per query head of the GQA group), so scores come from AVX512-BF16 dot
+// products against each key's pairs broadcast, the causal mask is a lane compare, and the
+// online softmax (running max and sum per lane) needs no horizontal reductions. Key tiles
+// past a query tile's last position are never visited. Scores, softmax and the output are float32.
+// Registered as torch.ops.kiln_cpu.paged_prefill (in place into `out`); built by cpu_ops.py.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <initializer_list>
+#include <limits>
+#include <vector>
+
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "vec.h"
+
+namespace {
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define KILN_AMX 1
+constexpr int QT = 16;  // query positions per tile: an AMX tile's rows
+constexpr int KT = 32;  // keys per key tile: an AMX tile's bf16 columns (two 16-key score tiles)
+
+// exp(x), exactly 0 below -87 (masked keys are -inf): exp512 clamps at -88 and would return a
+// denormal there, and denormal operands make every later multiply-add take a slow microcode path.
+inline __m512 exp_or_zero(__m512 x) {
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_GE_OQ), kiln::exp512(x));
+}
+
+// Linux hands AMX's tile state to a process only on request (once; oneDNN asks too).
+bool amx_ready() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ok;
+}
+
+// Every tile used is 16 rows of 64 bytes: scores (tmm0, tmm1: 16 queries x 16 keys each),
+// queries (tmm2: 32 head dims), keys (tmm3: 16 dim pairs x 16 keys), probabilities (tmm4:
+// 32 keys), values (tmm5: 16 key pairs x 16 dims) and the P.V product (tmm6).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+  TileConfig() {
+    for (int t = 0; t < 7; ++t) {
+      colsb[t] = 64;
+      rows[t] = 16;
+    }
+  }
+};
+
+// One key tile of one (sequence, KV head), packed for the tile multiplies: K as [D/32 steps]
+// [2 halves][16 dim pairs][16 keys] pairs (the score product's B operand), V as [D/16 column
+// tiles][16 key pairs][16 dims] pairs (the P.V product's B operand). Keys past the context are 0.
+template <int D>
+struct PackedKeys {
+  uint32_t k[D / 32][2][16][16];
+  uint32_t v[D / 16][16][16];
+};
+
+template <int D>
+void pack_keys(const uint16_t* k, const uint16_t* v, const int64_t* table, int64_t block_size,
+               int64_t slot_stride, int64_t h, int64_t j0, int64_t ctx, PackedKeys<D>& out) {
+  std::memset(&out, 0, sizeof(out));
+  const int nk = static_cast<int>(std::min<int64_t>(KT, ctx - j0));
+  for (int c = 0; c < nk; ++c) {
+    const int64_t pos = j0 + c;
+    const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
+    const uint32_t* kr = reinterpret_cast<const uint32_t*>(k + slot * slot_stride + h * D);
+    for (int dp = 0; dp < D / 2; ++dp) out.k[dp / 16][c / 16][dp % 16][c % 16] = kr[dp];
+    const uint16_t* vr = v + slot * slot_stride + h * D;
+    uint16_t* vv = reinterpret_cast<uint16_t*>(out.v);
+    for (int d = 0; d < D; ++d) vv[((d / 16) * 16 + c / 2) * 32 + (d % 16) * 2 + c % 2] = vr[d];
+  }
+}
+
+template <int D, int G>
+void prefill_amx(const uint16_t* q, int64_t q_stride, const uint16_t* k, const uint16_t* v,
+                 const int64_t* tables, int64_t max_blocks, const int64_t* starts, const int64_t* qlens,
+                 const int64_t* ctxlens, int64_t P, uint16_t* out, int64_t Hkv, int64_t block_size,
+                 float scale) {
+  constexpr int V16 = D / 16;
+  const int64_t slot_stride = Hkv * D, out_stride = Hkv * G * D;
+  // Pass 1: pack every (sequence, KV head, key tile) once; all query tiles then share it.
+  std::vector<int64_t> first_pack(P + 1, 0), first_task(P + 1, 0);
+  for (int64_t p = 0; p < P; ++p) {
+    first_pack[p + 1] = first_pack[p] + Hkv * ((ctxlens[p] + KT - 1) / KT);
+    first_task[p + 1] = first_task[p] + Hkv * ((qlens[p] + QT - 1) / QT);
+  }
+  std::vector<PackedKeys<D>> packed(first_pack[P]);
+  at::parallel_for(0, first_pack[P], 8, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t p = std::upper_bound(first_pack.begin(), first_pack.end(), i) - first_pack.begin() - 1;
+      const int64_t tiles = (ctxlens[p] + KT - 1) / KT, local = i - first_pack[p];
+      pack_keys<D>(k, v, tables + p * max_blocks, block_size, slot_stride, local / tiles, (local % tiles) * KT,
+                   ctxlens[p], packed[i]);
+    }
+  });
+  // Pass 2: a task is (sequence, KV head, 16 query positions) with the G heads of its group.
+  at::parallel_for(0, first_task[P], 1, [&](int64_t begin, int64_t end) {
+    TileConfig cfg;
+    _tile_loadconfig(&cfg);
+    alignas(64) uint16_t qbuf[G][QT][D];  // the tile's queries, rows past the prompt zero
+    alignas(64) float o[G][QT][D];        // running output (unnormalised)
+    alignas(64) float sbuf[QT][KT];       // one key tile's scores
+    alignas(64) uint16_t pbuf[QT][KT];    // ... and probabilities, bf16
+    alignas(64) float tbuf[QT][16];       // P.V of one column tile
+    alignas(64) float m[G][QT], l[G][QT], mnew[QT], sums[QT], alpha[QT];
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i iota16 = _mm512_add_epi32(iota, _mm512_set1_epi32(16));
+    const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    const __m512 sv = _mm512_set1_ps(scale);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t p = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
+      const int64_t qlen = qlens[p], tiles = (qlen + QT - 1) / QT, local = task - first_task[p];
+      const int64_t h = local / tiles, i0 = (local % tiles) * QT;
+      const int nq = static_cast<int>(std::min<int64_t>(QT, qlen - i0));
+      const int64_t qbase = ctxlens[p] - qlen + i0;  // position of the tile's first query
+      const int64_t row0 = starts[p] + i0;
+      const PackedKeys<D>* keys = packed.data() + first_pack[p] + h * ((ctxlens[p] + KT - 1) / KT);
+      std::memset(qbuf, 0, sizeof(qbuf));
+      for (int r = 0; r < nq; ++r)
+        for (int g = 0; g < G; ++g)
+          std::memcpy(qbuf[g][r], q + (row0 + r) * q_stride + (h * G + g) * D, D * sizeof(uint16_t));
+      std::memset(o, 0, sizeof(o));
+      for (int g = 0; g < G; ++g)
+        for (int r = 0; r < QT; ++r) {
+          m[g][r] = -std::numeric_limits<float>::infinity();
+          l[g][r] = 0.f;
+        }
+      const int64_t kend = qbase + nq;  // keys [0, kend): the last query's causal limit
+      for (int64_t j0 = 0, kt = 0; j0 < kend; j0 += KT, ++kt) {
+        const PackedKeys<D>& pk = keys[kt];
+        for (int g = 0; g < G; ++g) {
+          _tile_zero(0);
+          _tile_zero(1);
+          for (int ks = 0; ks < D / 32; ++ks) {
+            _tile_loadd(2, &qbuf[g][0][ks * 32], D * sizeof(uint16_t));
+            _tile_loadd(3, pk.k[ks][0], 64);
+            _tile_dpbf16ps(0, 2, 3);
+            _tile_loadd(3, pk.k[ks][1], 64);
+            _tile_dpbf16ps(1, 2, 3);
+          }
+          _tile_stored(0, &sbuf[0][0], KT * sizeof(float));
+          _tile_stored(1, &sbuf[0][16], KT * sizeof(float));
+          // Scale, causal mask (query r sees key j0 + c iff c <= qbase + r - j0), row max.
+          for (int r = 0; r < QT; ++r) {
+            __m512 s0 = _mm512_mul_ps(_mm512_load_ps(&sbuf[r][0]), sv);
+            __m512 s1 = _mm512_mul_ps(_mm512_load_ps(&sbuf[r][16]), sv);
+            const int64_t lim = qbase + r - j0;
+            if (lim < KT - 1) {
+              const __m512i lv = _mm512_set1_epi32(static_cast<int>(lim));
+              s0 = _mm512_mask_mov_ps(s0, _mm512_cmpgt_epi32_mask(iota, lv), neg_inf);
+              s1 = _mm512_mask_mov_ps(s1, _mm512_cmpgt_epi32_mask(iota16, lv), neg_inf);
+            }
+            _mm512_store_ps(&sbuf[r][0], s0);
+            _mm512_store_ps(&sbuf[r][16], s1);
+            mnew[r] = std::max(m[g][r], _mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
+          }
+          // Every query sees key 0, so each row's max is finite from the first key tile on.
+          const __m512 mo = _mm512_load_ps(m[g]), mn = _mm512_load_ps(mnew);
+          _mm512_store_ps(alpha, exp_or_zero(_mm512_sub_ps(mo, mn)));
+          _mm512_store_ps(m[g], mn);
+          for (int r = 0; r < QT; ++r) {
+            const __m512 mr = _mm512_set1_ps(mnew[r]);
+            const __m512 e0 = exp_or_zero(_mm512_sub_ps(_mm512_load_ps(&sbuf[r][0]), mr));
+            const __m512 e1 = exp_or_zero(_mm512_sub_ps(_mm512_load_ps(&sbuf[r][16]), mr));
+            sums[r] = _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
+            _mm512_store_si512(pbuf[r], (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+          }
+          _mm512_store_ps(l[g], _mm512_fmadd_ps(_mm512_load_ps(l[g]), _mm512_load_ps(alpha), _mm512_load_ps(sums)));
+          _tile_loadd(4, &pbuf[0][0], KT * sizeof(uint16_t));
+          for (int dt = 0; dt < V16; ++dt) {
+            _tile_zero(6);
+            _tile_loadd(5, pk.v[dt], 64);
+            _tile_dpbf16ps(6, 4, 5);
+            _tile_stored(6, &tbuf[0][0], 64);
+            for (int r = 0; r < QT; ++r) {
+              float* orow = &o[g][r][dt * 16];
+              _mm512_store_ps(orow, _mm512_fmadd_ps(_mm512_load_ps(orow), _mm512_set1_ps(alpha[r]),
+                                                    _mm512_load_ps(tbuf[r])));
+            }
+          }
+        }
+      }
+      for (int g = 0; g < G; ++g)
+        for (int r = 0; r < nq; ++r) {
+          const __m512 inv = _mm512_set1_ps(1.f / l[g][r]);
+          uint16_t* orow = out + (row0 + r) * out_stride + (h * G + g) * D;
+          for (int i = 0; i < V16; ++i) kiln::f32x16_to_bf16(_mm512_mul_ps(_mm512_load_ps(&o[g][r][i * 16]), inv), orow + i * 16);
+        }
+    }
+    _tile_release();
+  });
+}
+
+using Kernel = void (*)(const uint16_t*, int64_t, const uint16_t*, const uint16_t*, const int64_t*, int64_t,
+                        const int64_t*, const int64_t*, const int64_t*, int64_t, uint16_t*, int64_t, int64_t,
+                        float);
+
+Kernel kernel_for(int64_t D, int64_t G) {
+  if (!amx_ready()) return nullptr;
+#define KILN_CASE(d, g) \
+  if (D == d && G == g) return &prefill_amx<d, g>;
+  KILN_CASE(64, 1) KILN_CASE(64, 2) KILN_CASE(64, 3) KILN_CASE(64, 4) KILN_CASE(64, 5) KILN_CASE(64, 6)
+  KILN_CASE(64, 7) KILN_CASE(64, 8) KILN_CASE(128, 1) KILN_CASE(128, 2) KILN_CASE(128, 3) KILN_CASE(128, 4)
+  KILN_CASE(128, 5) KILN_CASE(128, 6) KILN_CASE(128, 7) KILN_CASE(128, 8)
+#undef KILN_CASE
+  return nullptr;
+}
+#endif
+
+bool paged_prefill_supported(int64_t head_dim, int64_t group) {
+#if defined(KILN_AMX)
+  return kernel_for(head_dim, group) != nullptr;
+#else
+  (void)head_dim;
+  (void)group;
+  return false;
+#endif
+}
+
+// out [T, Hkv, G, D] (written in place: each prefill's rows); q [T, Hkv * G, D] with unit
+// stride inside a token's row; caches [slots, Hkv, D]; block_tables [P, max_blocks] int64;
+// query_starts / query_lens / context_lens [P] int64: prefill p's queries are rows
+// [start, start + len) of q, the last len positions of its context_len.
+void paged_prefill(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                   const at::Tensor& block_tables, const at::Tensor& query_starts, const at::Tensor& query_lens,
+                   const at::Tensor& context_lens, int64_t block_size, double scale) {
+  TORCH_CHECK(out.dim() == 4 && q.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3, "paged_prefill: bad ranks");
+  const int64_t T = out.size(0), Hkv = out.size(1), G = out.size(2), D = out.size(3);
+  TORCH_CHECK(out.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "paged_prefill: out and the caches must be contiguous");
+  TORCH_CHECK(q.size(0) == T && q.size(1) == Hkv * G && q.size(2) == D && q.stride(2) == 1 && q.stride(1) == D,
+              "paged_prefill: q must be [T, Hkv * G, D] with contiguous heads");
+  TORCH_CHECK(k_cache.size(1) == Hkv && k_cache.size(2) == D && v_cache.sizes() == k_cache.sizes(),
+              "paged_prefill: cache shape");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k_cache, &v_cache, &out})
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16, "paged_prefill: bfloat16 only");
+  const int64_t P = query_lens.size(0);
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&block_tables, &query_starts, &query_lens, &context_lens})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "paged_prefill: tables and lengths must be contiguous int64");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == P && query_starts.size(0) == P &&
+                  context_lens.size(0) == P, "paged_prefill: one table, start and length per prefill");
+  const int64_t* starts = query_starts.const_data_ptr<int64_t>();
+  const int64_t* qlens = query_lens.const_data_ptr<int64_t>();
+  const int64_t* ctx = context_lens.const_data_ptr<int64_t>();
+  const int64_t max_blocks = block_tables.size(1);
+  for (int64_t p = 0; p < P; ++p)
+    TORCH_CHECK(qlens[p] >= 1 && ctx[p] >= qlens[p] && starts[p] >= 0 && starts[p] + qlens[p] <= T &&
+                    ctx[p] <= max_blocks * block_size,
+                "paged_prefill: prefill ", p, " has a bad start, query length or context length");
+  if (P == 0) return;
+#if defined(KILN_AMX)
+  Kernel kernel = kernel_for(D, G);
+  TORCH_CHECK(kernel != nullptr, "paged_prefill: no kernel for head size ", D, " and group ", G);
+  kernel(reinterpret_cast<const uint16_t*>(q.const_data_ptr<c10::BFloat16>()), q.stride(0),
+         reinterpret_cast<const uint16_t*>(k_cache.const_data_ptr<c10::BFloat16>()),
+         reinterpret_cast<const uint16_t*>(v_cache.const_data_ptr<c10::BFloat16>()),
+         block_tables.const_data_ptr<int64_t>(), max_blocks, starts, qlens, ctx, P,
+         reinterpret_cast<uint16_t*>(out.mutable_data_ptr<c10::BFloat16>()), Hkv, block_size,
+         static_cast<float>(scale));
+#else
+  TORCH_CHECK(false, "paged_prefill: needs a CPU with AMX-BF16");
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(kiln_cpu, m) {
+  m.def("paged_prefill(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor query_starts, Tensor query_lens, Tensor context_lens, int block_size, float scale) -> ()");
+  m.def("paged_prefill_supported(int head_dim, int group) -> bool", &paged_prefill_supported);  // a catch-all kernel
+}
+
+TORCH_LIBRARY_IMPL(kiln_cpu, CPU, m) { m.impl("paged_prefill", &paged_prefill); }
