@@ -130,10 +130,14 @@ def _backend(dtype: torch.dtype, H: int = 9, Hkv: int = 3, D: int = 64, num_bloc
 def test_backend_decode_and_prefill_match_references(kernel_built, kernel, dtype):
     """One step as the model runner lays it out: 20 decodes (random contexts in shuffled
     blocks), then a fresh 40-token prompt (group-mask path), a fresh 300-token prompt (SDPA's
-    causal GQA path) and a 25-token chunk over 70 cached tokens."""
+    causal GQA path) and a 25-token chunk over 70 cached tokens. cpp-kernel in bfloat16 takes
+    the C++ prefill kernel where the CPU has AMX; gather-sdpa keeps SDPA for the prefills."""
     H, Hkv, D = 9, 3, 64
     backend = _backend(dtype, num_blocks=128)
     backend.paged_decode = kernel and backend.paged_decode
+    backend.paged_prefill = kernel and backend.paged_prefill
+    if kernel and dtype == torch.bfloat16:
+        assert backend.paged_prefill == cpu_ops.paged_prefill_supported(D, H // Hkv)
     g = torch.Generator().manual_seed(5)
     cache = backend.kv[0]
     cache.copy_(torch.randn(cache.shape, generator=g).to(dtype))
@@ -172,6 +176,89 @@ def test_backend_decode_and_prefill_match_references(kernel_built, kernel, dtype
         ref = reference(q[p.query_start:p.query_start + p.query_len], kc, vc, p.block_ids, p.context_len, scale)
         err = (out[p.query_start:p.query_start + p.query_len] - ref).abs().max().item()
         assert err < tol, (p.query_len, p.context_len, err)
+
+
+# -- the prefill kernel (kiln/kernels/cpu/paged_prefill.cpp) ----------------------------------
+def _has_amx() -> bool:
+    flags = open("/proc/cpuinfo").read()
+    return " amx_bf16" in flags and " amx_tile" in flags
+
+
+def _prefill_case(Hkv: int, G: int, D: int, block_size: int, cases: list[tuple[int, int]], lead: int, seed: int):
+    """Prefills (query_len, context_len) laid out after `lead` decode rows, in shuffled blocks
+    of a bf16 cache that already holds every context (as after the step's cache write)."""
+    g = torch.Generator().manual_seed(seed)
+    nblocks = [-(-c // block_size) for _, c in cases]
+    total = sum(nblocks) + 3
+    perm = torch.randperm(total, generator=g)
+    k = torch.randn(total * block_size, Hkv, D, generator=g).bfloat16()
+    v = torch.randn(total * block_size, Hkv, D, generator=g).bfloat16()
+    T = lead + sum(q for q, _ in cases)
+    q = torch.randn(T, Hkv * G, D, generator=g).bfloat16()
+    width = max(nblocks)
+    tables = torch.zeros(len(cases), width, dtype=torch.long)
+    starts, used, start = [], 0, lead
+    for i, ((ql, _), nb) in enumerate(zip(cases, nblocks)):
+        tables[i, :nb] = perm[used:used + nb]
+        used += nb
+        starts.append(start)
+        start += ql
+    lens = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return q, k, v, tables, lens(starts), lens([c[0] for c in cases]), lens([c[1] for c in cases])
+
+
+PREFILLS = [(113, 113), (40, 1040), (1, 17), (16, 16), (17, 33), (300, 300), (25, 95), (33, 64)]
+
+
+@pytest.mark.parametrize("Hkv,G,D,block_size", [(3, 3, 64, 16), (3, 3, 64, 8), (3, 3, 64, 32), (2, 4, 128, 16),
+                                                (1, 8, 64, 16), (4, 1, 64, 16), (2, 7, 64, 16)])
+def test_paged_prefill_kernel_matches_float64_reference(kernel_built, Hkv, G, D, block_size):
+    """Every prefill of a step in one call: fresh prompts (one query tile, several, a partial
+    last one, 300 positions), chunks behind cached context (40 after 1,000; one token after 16),
+    block sizes whose key tiles straddle blocks (8) or not (16, 32), GQA groups 1-8, head size
+    128; the decode rows ahead of the prefills are left untouched. Without AMX (or for an
+    unsupported shape) the kernel must say so and refuse, and the backend keeps SDPA."""
+    q, k, v, tables, starts, qlens, ctx = _prefill_case(Hkv, G, D, block_size, PREFILLS, lead=5, seed=G * D)
+    out = torch.full((q.shape[0], Hkv, G, D), 7.0, dtype=torch.bfloat16)
+    scale = D ** -0.5
+    supported = cpu_ops.paged_prefill_supported(D, G)
+    assert supported == _has_amx()
+    if not supported:
+        with pytest.raises(RuntimeError, match="AMX"):
+            cpu_ops.paged_prefill(out, q, k, v, tables, starts, qlens, ctx, block_size, scale)
+        assert not CpuBackend(1, Hkv * G, Hkv, D, 8, block_size, torch.bfloat16).paged_prefill
+        return
+    cpu_ops.paged_prefill(out, q, k, v, tables, starts, qlens, ctx, block_size, scale)
+    assert (out[:5] == 7.0).all()  # decode rows: not the kernel's
+    bs_saved = globals()["BS"]
+    try:
+        globals()["BS"] = block_size  # reference() reads the module's block size
+        for i in range(len(PREFILLS)):
+            s, n, c = int(starts[i]), int(qlens[i]), int(ctx[i])
+            ref = reference(q[s:s + n], k, v, tables[i], c, scale)
+            err = (out[s:s + n].view(n, Hkv * G, D).double() - ref).abs().max().item()
+            # bfloat16 output rounding plus bf16 probabilities (as SDPA's bf16 kernel has them)
+            assert err < 2e-2, (n, c, err)
+    finally:
+        globals()["BS"] = bs_saved
+
+
+def test_paged_prefill_kernel_refuses_bad_inputs(kernel_built):
+    q, k, v, tables, starts, qlens, ctx = _prefill_case(3, 3, 64, 16, [(20, 20), (10, 30)], lead=0, seed=1)
+    out = torch.empty(q.shape[0], 3, 3, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="bfloat16 only"):
+        cpu_ops.paged_prefill(out.float(), q.float(), k.float(), v.float(), tables, starts, qlens, ctx, 16, 0.1)
+    with pytest.raises(RuntimeError, match="int64"):
+        cpu_ops.paged_prefill(out, q, k, v, tables.int(), starts, qlens, ctx, 16, 0.1)
+    with pytest.raises(RuntimeError, match="prefill 1 has a bad"):
+        cpu_ops.paged_prefill(out, q, k, v, tables, starts, qlens, torch.tensor([20, 5]), 16, 0.1)
+    with pytest.raises(RuntimeError, match="prefill 1 has a bad"):  # past the end of q
+        cpu_ops.paged_prefill(out, q, k, v, tables, torch.tensor([0, 25]), qlens, ctx, 16, 0.1)
+    with pytest.raises(RuntimeError, match="bad ranks"):
+        cpu_ops.paged_prefill(out, q.view(q.shape[0], 3, 3, 64), k, v, tables, starts, qlens, ctx, 16, 0.1)
+    with pytest.raises(RuntimeError, match="q must be"):  # heads not contiguous within a token
+        cpu_ops.paged_prefill(out, q.transpose(1, 2).contiguous().transpose(1, 2), k, v, tables, starts, qlens,
+                              ctx, 16, 0.1)
 
 
 # -- the fused elementwise ops (kiln/kernels/cpu/fused.cpp) ------------------------------------

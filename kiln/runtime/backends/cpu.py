@@ -5,8 +5,10 @@ in place through its block table, one call per layer for every decoding row. Whe
 be built (no compiler; float16), decodes are batched into one scaled_dot_product_attention
 call per length group instead: each context gathered from its blocks into a padded [B, L]
 view with a padding mask. The query heads of a GQA group are laid out as several queries
-against their one KV head, so K/V are never repeated. Prefills (and prefill chunks) attend
-one sequence at a time, with a causal mask offset by the cached context.
+against their one KV head, so K/V are never repeated. Prefills (and prefill chunks): in
+bfloat16 on a CPU with AMX, kiln's C++ kernel (kiln/kernels/cpu/paged_prefill.cpp) runs all of
+a step's prefills in one call per layer, reading each context through its block table; else
+SDPA one sequence at a time, with a causal mask offset by the cached context.
 """
 
 from __future__ import annotations
