@@ -404,10 +404,13 @@ def test_lora_grouped_refuses_bad_indices(kernel_built):
 
 
 # -- the one-row bfloat16 linear (cpu/gemv.cpp) ------------------------------------------------
-@pytest.mark.parametrize("M,N,K", [(1, 960, 576), (1, 576, 1536), (3, 48, 6), (2, 16, 2), (1, 64, 34)])
+@pytest.mark.parametrize("M,N,K", [(1, 960, 576), (1, 576, 1536), (3, 48, 6), (2, 16, 2), (1, 64, 34),
+                                   (2, 960, 576), (17, 576, 1536), (33, 64, 96), (64, 3072, 576), (65, 32, 64)])
 def test_gemv_bf16_matches_float64(kernel_built, M, N, K):
     """Every output of every row against float64 sums of the same bfloat16 values (K with an
-    odd number of column pairs, a strided x); the one rounding to bfloat16 is the only error."""
+    odd number of column pairs, a strided x); the one rounding to bfloat16 is the only error.
+    2-64 rows with K a multiple of 32 take the AMX tile path where the CPU has it (partial
+    16-row tiles: 17, 33); 65 rows and K=6 the per-row loop."""
     g = torch.Generator().manual_seed(N + K)
     w = torch.randn(N, K, generator=g).bfloat16()
     x = torch.randn(M, K + 8, generator=g).bfloat16()[:, 4:K + 4]  # row stride K + 8, unit inner stride
@@ -422,6 +425,14 @@ def test_gemv_bf16_matches_float64(kernel_built, M, N, K):
     # float32 sums rounded once to bfloat16: within half a bfloat16 ulp of |ref| plus sum error
     bound = ref.abs() * 2.0 ** -8 + 1e-4 * (x.double().abs() @ w.double().abs().t())
     assert bool(((got.double() - ref).abs() <= bound).all())
+
+
+def test_gemv_bf16_max_rows_follows_the_cpu(kernel_built):
+    """64 rows where AMX runs the tile path, one where only AVX512-BF16 dots do; and the
+    backend gives its linears that limit."""
+    flags = open("/proc/cpuinfo").read()
+    amx = " amx_bf16" in flags and " amx_tile" in flags
+    assert cpu_ops.gemv_bf16_max_rows() == (64 if amx and cpu_ops.gemv_bf16_supported() else 1)
 
 
 def test_gemv_bf16_refuses_bad_shapes(kernel_built):

@@ -152,7 +152,8 @@ def test_lora_rows_take_the_modules_and_base_rows_the_loop(monkeypatch, loop_cal
 
 def test_one_bf16_sequence_agrees_with_transformers_float32(monkeypatch, loop_calls):
     """A single bf16 stream runs the decode loop with the one-row kernel (gemv.cpp) at every
-    step. Teacher-forced on its tokens, transformers' float32 forward must rank each chosen
+    step, and three streams together its several-row path (AMX tiles where the CPU has them).
+    Teacher-forced on its tokens, transformers' float32 forward must rank each chosen
     token at or near its top (bf16 weights and activations move logits by a few tenths)."""
     from transformers import AutoModelForCausalLM
 
@@ -165,15 +166,18 @@ def test_one_bf16_sequence_agrees_with_transformers_float32(monkeypatch, loop_ca
 
     # The copies exist where the CPU runs the kernel (AVX512-BF16); elsewhere oneDNN does one row.
     assert len(linears) == 121 and all((m.gemv is not None) == cpu_ops.gemv_bf16_supported() for m in linears)
+    assert all(m.gemv_rows == cpu_ops.gemv_bf16_max_rows() for m in linears if m.gemv is not None)
     prompts = [engine.tokenizer.encode(p) for p in (
         "The capital of France is", "def fibonacci(n):", "Water boils at a temperature of")]
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     outputs = [engine.generate([p], params)[0] for p in prompts]  # one sequence at a time
     assert len(loop_calls) == 3 * 15 and set(loop_calls) == {1}
+    together = engine.generate(prompts, params)  # three rows a step
+    assert len(loop_calls) == 3 * 15 + 15 and set(loop_calls[-15:]) == {3}
     hf = AutoModelForCausalLM.from_pretrained(str(resolve_model("default")), dtype=torch.float32).eval()
     exact = total = 0
     with torch.inference_mode():
-        for prompt, toks in zip(prompts, outputs):
+        for prompt, toks in zip(prompts + prompts, outputs + together):
             logits = hf(torch.tensor([prompt + toks])).logits[0, len(prompt) - 1:-1]
             gap = logits.max(dim=1).values - logits.gather(1, torch.tensor(toks)[:, None])[:, 0]
             assert float(gap.max()) < 0.5, gap

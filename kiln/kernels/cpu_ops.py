@@ -141,11 +141,17 @@ def gemv_bf16_supported() -> bool:
     return bool(torch.ops.kiln_cpu.gemv_bf16_supported())
 
 
+def gemv_bf16_max_rows() -> int:
+    """Rows up to which gemv_bf16 beats oneDNN here: 64 where AMX runs its tile path, else 1."""
+    return int(torch.ops.kiln_cpu.gemv_bf16_max_rows())
+
+
 def pack_gemv_bf16(weight: torch.Tensor) -> torch.Tensor:
     """bfloat16 [N, K] (N a multiple of 16, K even) -> gemv_bf16's layout [N/16, K/2, 16, 2]."""
     return torch.ops.kiln_cpu.pack_gemv_bf16(weight)
 
 
 def gemv_bf16(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """x [M, K] bfloat16 @ W^T -> [M, N]; meant for M = 1 (each row streams the weight)."""
+    """x [M, K] bfloat16 @ W^T -> [M, N]: one row by AVX512-BF16 dots; 2-64 rows (K a multiple
+    of 32) by AMX tiles where the CPU has them; else each row streams the weight again."""
     return torch.ops.kiln_cpu.gemv_bf16(x, packed)

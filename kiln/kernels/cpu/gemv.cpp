@@ -13,6 +13,10 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
+
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -34,6 +38,93 @@ at::Tensor pack_gemv_bf16(const at::Tensor& w) {
   TORCH_CHECK(N % kBlock == 0 && K % 2 == 0, "pack_gemv_bf16: N must be a multiple of 16 and K even, got [", N,
               ", ", K, "]");
   return w.reshape({N / kBlock, kBlock, K / 2, 2}).permute({0, 2, 1, 3}).contiguous();
+}
+
+#if KILN_GEMV && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define KILN_GEMV_AMX 1
+// Several rows (a decode batch): AMX tile products straight from the same copy. A block's
+// [K/2, 16, 2] layout is exactly an AMX B operand (each 64-byte row: one column pair of 16
+// outputs), 32 columns a step; up to four 16-row tiles of x share every weight tile loaded,
+// so the weight is still streamed once per call, as at one row.
+constexpr int64_t kAmxMaxRows = 64;
+constexpr int64_t kPrefetchBytes = 4096;
+
+bool amx_ready() {  // Linux hands AMX's tile state to a process only on request (once; oneDNN asks too)
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ok;
+}
+
+struct alignas(64) TileConfig {  // tiles 0-3: y (16 rows x 16 float32), 4: x (16 rows x 32), 5: w (16 pairs x 16)
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+  TileConfig() {
+    for (int t = 0; t < 6; ++t) {
+      colsb[t] = 64;
+      rows[t] = 16;
+    }
+  }
+};
+
+// x: MT * 16 rows of K (zero past M), contiguous. y [M, N].
+template <int MT>
+void gemm_amx(const uint16_t* x, const uint16_t* w, int64_t M, int64_t K, int64_t blocks, uint16_t* y) {
+  const int64_t N = blocks * kBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    TileConfig cfg;
+    _tile_loadconfig(&cfg);
+    alignas(64) float out[16][16];
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint16_t* wb = w + b * K * kBlock;
+      _tile_zero(0);
+      if (MT > 1) _tile_zero(1);
+      if (MT > 2) _tile_zero(2);
+      if (MT > 3) _tile_zero(3);
+      for (int64_t k0 = 0; k0 < K; k0 += 32) {
+        // The weight is one sequential stream (blocks follow each other): ask for it ahead.
+        const char* ahead = reinterpret_cast<const char*>(wb + k0 * kBlock) + kPrefetchBytes;
+        for (int line = 0; line < 1024; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+        _tile_loadd(5, wb + k0 * kBlock, 64);
+        _tile_loadd(4, x + k0, K * 2);
+        _tile_dpbf16ps(0, 4, 5);
+        if (MT > 1) {
+          _tile_loadd(4, x + 16 * K + k0, K * 2);
+          _tile_dpbf16ps(1, 4, 5);
+        }
+        if (MT > 2) {
+          _tile_loadd(4, x + 32 * K + k0, K * 2);
+          _tile_dpbf16ps(2, 4, 5);
+        }
+        if (MT > 3) {
+          _tile_loadd(4, x + 48 * K + k0, K * 2);
+          _tile_dpbf16ps(3, 4, 5);
+        }
+      }
+      for (int mt = 0; mt < MT; ++mt) {
+        if (mt == 0) _tile_stored(0, out, 64);
+        if (mt == 1) _tile_stored(1, out, 64);
+        if (mt == 2) _tile_stored(2, out, 64);
+        if (mt == 3) _tile_stored(3, out, 64);
+        for (int r = 0; r < 16 && mt * 16 + r < M; ++r)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + (mt * 16 + r) * N + b * kBlock),
+                              (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(out[r])));
+      }
+    }
+    _tile_release();
+  });
+}
+#else
+#define KILN_GEMV_AMX 0
+#endif
+
+// Rows up to which gemv_bf16 should be preferred to oneDNN: many with AMX, else one.
+int64_t gemv_bf16_max_rows() {
+#if KILN_GEMV_AMX
+  if (amx_ready()) return kAmxMaxRows;
+#endif
+  return 1;
 }
 
 #if KILN_GEMV
@@ -75,6 +166,18 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& packed) {
   const auto* wp = reinterpret_cast<const uint16_t*>(packed.const_data_ptr<c10::BFloat16>());
   auto* yp = reinterpret_cast<uint16_t*>(y.mutable_data_ptr<c10::BFloat16>());
   const int64_t x_stride = x.stride(0);
+#if KILN_GEMV_AMX
+  if (M > 1 && M <= kAmxMaxRows && K % 32 == 0 && amx_ready()) {
+    const int64_t MT = (M + 15) / 16;
+    std::vector<uint16_t> xpad(MT * 16 * K, 0);  // whole 16-row tiles, rows past M zero
+    for (int64_t m = 0; m < M; ++m) std::memcpy(xpad.data() + m * K, xp + m * x_stride, K * sizeof(uint16_t));
+    if (MT == 1) gemm_amx<1>(xpad.data(), wp, M, K, blocks, yp);
+    if (MT == 2) gemm_amx<2>(xpad.data(), wp, M, K, blocks, yp);
+    if (MT == 3) gemm_amx<3>(xpad.data(), wp, M, K, blocks, yp);
+    if (MT == 4) gemm_amx<4>(xpad.data(), wp, M, K, blocks, yp);
+    return y;
+  }
+#endif
   at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t m = 0; m < M; ++m) gemv_block(wp + b * K * kBlock, xp + m * x_stride, K, yp + m * N + b * kBlock);
@@ -87,6 +190,7 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& packed) {
 
 TORCH_LIBRARY_FRAGMENT(kiln_cpu, m) {
   m.def("gemv_bf16_supported() -> bool", &gemv_bf16_supported);  // no tensor arguments: a catch-all kernel
+  m.def("gemv_bf16_max_rows() -> int", &gemv_bf16_max_rows);
   m.def("pack_gemv_bf16(Tensor w) -> Tensor");
   m.def("gemv_bf16(Tensor x, Tensor packed) -> Tensor");
 }

@@ -107,8 +107,10 @@ class CpuBackend:
         gemv_linears = [m for m in model.modules() if isinstance(m, Linear) and m.weight is not None
                         and m.weight.dtype == torch.bfloat16 and m.out_features % 16 == 0 and m.in_features % 2 == 0]
         if self.kernels and gemv_linears and cpu_ops.gemv_bf16_supported() and _want_gemv_copies(gemv_linears):
+            rows = cpu_ops.gemv_bf16_max_rows()
             for module in gemv_linears:
                 module.gemv = cpu_ops.pack_gemv_bf16(module.weight.detach())
+                module.gemv_rows = rows
         for module in model.modules():
             if (torch.backends.mkldnn.is_available() and isinstance(module, Linear)
                     and module.weight is not None and module.weight.dtype in _PACKABLE):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..models.layers import GEMV_MAX_ROWS, Linear
+from ..models.layers import Linear
 
 # Linear kinds, as decode_step.cpp numbers them.
 DENSE, MKLDNN, INT8, INT4 = 0, 1, 2, 3
@@ -101,8 +101,8 @@ def _linear_entry(module: nn.Module, dtype: torch.dtype):
 
     if type(module) is Linear:
         if module.packed is not None:
-            if module.gemv is not None:  # the one-row kernel up to GEMV_MAX_ROWS rows, as Linear.forward
-                return MKLDNN, GEMV_MAX_ROWS, [module.packed, module.gemv, _NONE], None
+            if module.gemv is not None:  # gemv_bf16 up to the module's row limit, as Linear.forward
+                return MKLDNN, module.gemv_rows, [module.packed, module.gemv, _NONE], None
             return MKLDNN, 0, [module.packed, _NONE, _NONE], None
         if module.weight.dtype == dtype:
             return DENSE, 0, [module.weight.detach(), _NONE, _NONE], None

@@ -17,8 +17,9 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-# Rows up to which a linear with a one-row copy of its weight (Linear.gemv) uses it: at two
-# rows and more oneDNN's kernel is as fast or faster (bench/RESULTS.md).
+# Rows up to which a linear with a copy of its weight for kiln_cpu::gemv_bf16 (Linear.gemv)
+# uses it by default: one row (AVX512-BF16 dots). Where AMX runs the same copy at several rows,
+# the backend raises each linear's own limit (Linear.gemv_rows; bench/RESULTS.md).
 GEMV_MAX_ROWS = 1
 
 
@@ -35,7 +36,8 @@ class Linear(nn.Module):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.packed: torch.Tensor | None = None  # a backend's prepacked copy of the weight
-        self.gemv: torch.Tensor | None = None  # the CPU backend's one-row copy (kiln_cpu::gemv_bf16)
+        self.gemv: torch.Tensor | None = None  # the CPU backend's copy for kiln_cpu::gemv_bf16
+        self.gemv_rows = GEMV_MAX_ROWS  # rows up to which forward uses it
 
     def pack_mkldnn(self) -> None:
         """Prepack the weight for oneDNN; the dense copy is dropped to save memory.
@@ -52,7 +54,7 @@ class Linear(nn.Module):
         self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gemv is not None and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and x.stride(1) == 1:
+        if self.gemv is not None and x.dim() == 2 and x.shape[0] <= self.gemv_rows and x.stride(1) == 1:
             return torch.ops.kiln_cpu.gemv_bf16(x, self.gemv)
         if self.packed is not None:
             # Dense in, dense out: no conversion of activations to oneDNN's layout.
