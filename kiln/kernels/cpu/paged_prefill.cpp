@@ -33,19 +33,11 @@ constexpr int QT = 16;  // query positions per tile: an AMX tile's rows
 constexpr int KT = 32;  // keys per key tile: an AMX tile's bf16 columns (two 16-key score tiles)
 
 // exp(x) for x <= 0, exactly 0 below -87 (masked keys are -inf; a denormal there would send
-// every later multiply-add down a slow microcode path). 2^(x log2 e) with a degree-4 polynomial
-// on [-1/2, 1/2]: 2.7e-6 relative error, far below the bf16 rounding the probabilities get,
-// in half the instructions of exp512's Cephes form (the exponentials bound this kernel).
+// every later multiply-add down a slow microcode path). The fast form (vec.h): its 2.7e-6
+// relative error is far below the bf16 rounding the probabilities get, and the exponentials
+// bound this kernel.
 inline __m512 exp_or_zero(__m512 x) {
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 y = _mm512_set1_ps(0.009560519829392433f);
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0.05591712146997452f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0.24024981260299683f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0.6931219696998596f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0.9999991655349731f));
-  return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_GE_OQ), y, n);
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_GE_OQ), kiln::exp512_fast(x));
 }
 
 // Linux hands AMX's tile state to a process only on request (once; oneDNN asks too).

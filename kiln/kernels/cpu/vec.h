@@ -31,6 +31,21 @@ inline __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(y, n);
 }
 
+// exp(x), float32 lanes, for |x| < 87 (callers clamp or mask outside it): 2^(x log2 e) with a
+// degree-4 polynomial on [-1/2, 1/2], 2.7e-6 relative error, in about half of exp512's
+// instructions. For values that are then rounded to bfloat16 or summed into a softmax.
+inline __m512 exp512_fast(__m512 x) {
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 y = _mm512_set1_ps(0.009560519829392433f);
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0.05591712146997452f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0.24024981260299683f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0.6931219696998596f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0.9999991655349731f));
+  return _mm512_scalef_ps(y, n);
+}
+
 // 16 bfloat16 values (raw bits) to float32: bfloat16 is the top half of a float32.
 inline __m512 bf16x16_to_f32(const uint16_t* p) {
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
