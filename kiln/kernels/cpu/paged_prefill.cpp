@@ -166,7 +166,11 @@ void prefill_amx(const uint16_t* q, int64_t q_stride, const uint16_t* k, const u
     for (int64_t task = begin; task < end; ++task) {
       const int64_t p = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
       const int64_t qlen = qlens[p], tiles = (qlen + QT - 1) / QT, local = task - first_task[p];
-      const int64_t h = local / tiles, i0 = (local % tiles) * QT;
+      // A query tile's cost grows with its position (causal) and each thread gets one
+      // contiguous range of tasks: take a sequence's tiles first, last, second, second last...
+      // so that any range holds early and late tiles alike.
+      const int64_t h = local / tiles, j = local % tiles;
+      const int64_t i0 = (j % 2 == 0 ? j / 2 : tiles - 1 - j / 2) * QT;
       const int nq = static_cast<int>(std::min<int64_t>(QT, qlen - i0));
       const int64_t qbase = ctxlens[p] - qlen + i0;  // position of the tile's first query
       const int64_t row0 = starts[p] + i0;

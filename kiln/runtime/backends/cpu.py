@@ -219,6 +219,8 @@ class CpuBackend:
             )
         pb = state.prefill_batch
         if pb is not None:
+            if q.stride(2) != 1 or q.stride(1) != D:  # the kernel takes any token stride, not head strides
+                q = q.contiguous()
             cpu_ops.paged_prefill(out, q, k_cache, v_cache, pb.tables, pb.starts, pb.query_lens,
                                   pb.context_lens, bs, self.scale)
         for p in state.prefills:
