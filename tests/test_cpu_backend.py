@@ -283,6 +283,34 @@ def test_fused_rms_norm_matches_float64(kernel_built, dtype, N, H):
     _close(cpu_ops.rms_norm(x, w, 1e-5), ref, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,H", [(1, 576), (37, 576), (5, 100)])
+def test_fused_add_rms_norm_equals_add_then_norm(kernel_built, dtype, N, H):
+    """residual += delta in place, then the norm: the same bits as torch's add followed by the
+    separate kernel (so the fused model path changes no output), and close to float64; a strided
+    residual (a row slice of a wider buffer) is updated where it lies."""
+    g = torch.Generator().manual_seed(N * H)
+    wide = torch.randn(N, H + 24, generator=g).to(dtype)
+    residual = wide[:, 5:5 + H]
+    delta = torch.randn(N, H, generator=g).to(dtype)
+    w = torch.randn(H, generator=g).to(dtype)
+    expect_res = residual + delta
+    expect = cpu_ops.rms_norm(expect_res, w, 1e-5)
+    before = residual.double().clone()
+    out = cpu_ops.add_rms_norm(residual, delta, w, 1e-5)
+    assert torch.equal(residual, expect_res) and torch.equal(wide[:, 5:5 + H], expect_res)
+    assert torch.equal(out, expect)
+    ref = torch.nn.functional.rms_norm(before + delta.double(), (H,), w.double(), 1e-5)
+    _close(out, ref, dtype)
+
+
+def test_fused_add_rms_norm_refuses_mismatches(kernel_built):
+    with pytest.raises(RuntimeError, match="one dtype"):
+        cpu_ops.add_rms_norm(torch.zeros(2, 8), torch.zeros(2, 8, dtype=torch.bfloat16), torch.ones(8), 1e-5)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        cpu_ops.add_rms_norm(torch.zeros(2, 8), torch.zeros(2, 8), torch.ones(7), 1e-5)
+
+
 def _rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.double().chunk(2, dim=-1)
     c, s = cos.double().unsqueeze(1), sin.double().unsqueeze(1)

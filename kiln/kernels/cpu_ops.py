@@ -106,6 +106,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.ops.kiln_cpu.rms_norm(x, weight, eps)
 
 
+def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """residual += delta in place (rounded to its dtype), then rms_norm(residual): one pass."""
+    return torch.ops.kiln_cpu.add_rms_norm(residual, delta, weight, eps)
+
+
 def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
          sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate-half RoPE of q [T, Hq, D] and k [T, Hk, D]; cos/sin float32 [positions, D/2]."""

@@ -85,6 +85,14 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   return op.call(x, w, eps);
 }
 
+// residual += delta in place, then its RMSNorm (fused.cpp).
+at::Tensor add_rms_norm(at::Tensor& residual, const at::Tensor& delta, const at::Tensor& w, double eps) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("kiln_cpu::add_rms_norm", "")
+                       .typed<at::Tensor(at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(residual, delta, w, eps);
+}
+
 std::tuple<at::Tensor, at::Tensor> rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
                                         const at::Tensor& cos, const at::Tensor& sin) {
   static auto op = c10::Dispatcher::singleton()
@@ -168,11 +176,14 @@ at::Tensor decode_layers(const at::Tensor& h, const at::Tensor& positions, const
     write_cache(v_cache, v, slots, T);
     const at::Tensor attn = paged_decode(qr.view({T, num_kv_heads, G, head_dim}), k_cache, v_cache, tables, lens,
                                          block_size, scale);
-    residual.add_(run_linear(ref(l, 1), attn.view({T, q_size})));
-    x = rms_norm(residual, norms[2 * l + 1], eps);
-    // MLP: fused gate/up, SwiGLU, down.
-    residual.add_(run_linear(ref(l, 3), silu_and_mul(run_linear(ref(l, 2), x))));
-    if (l + 1 < L) x = rms_norm(residual, norms[2 * (l + 1)], eps);
+    x = add_rms_norm(residual, run_linear(ref(l, 1), attn.view({T, q_size})), norms[2 * l + 1], eps);
+    // MLP: fused gate/up, SwiGLU, down; its sum feeds the next layer's input norm.
+    const at::Tensor mlp = run_linear(ref(l, 3), silu_and_mul(run_linear(ref(l, 2), x)));
+    if (l + 1 < L) {
+      x = add_rms_norm(residual, mlp, norms[2 * (l + 1)], eps);
+    } else {
+      residual.add_(mlp);
+    }
   }
   return residual;
 }

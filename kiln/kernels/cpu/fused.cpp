@@ -65,6 +65,27 @@ void rms_norm_rows(const T* x, int64_t x_stride, const T* w, T* out, int64_t N, 
   });
 }
 
+// residual += delta (rounded to the dtype, as torch's add), then out = rms_norm(residual), one
+// pass over each row while it is in cache: the residual stream's add and the next norm of a
+// Llama layer, which otherwise read and write the [T, H] stream twice.
+template <typename T>
+void add_rms_norm_rows(T* res, int64_t res_stride, const T* delta, int64_t delta_stride, const T* w, T* out,
+                       int64_t N, int64_t H, float eps) {
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      T* r = res + n * res_stride;
+      const T* d = delta + n * delta_stride;
+      int64_t i = 0;
+#if defined(__AVX512F__)
+      for (; i + 16 <= H; i += 16) store16(r + i, _mm512_add_ps(load16(r + i), load16(d + i)));
+#endif
+      for (; i < H; ++i) store_f(r + i, load_f(r + i) + load_f(d + i));
+    }
+    // The norm reads the rounded sums back, exactly as a separate rms_norm would.
+    rms_norm_rows(res + begin * res_stride, res_stride, w, out + begin * H, end - begin, H, eps);
+  });
+}
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "rms_norm: x must be [N, H] with unit inner stride");
   TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1) && weight.scalar_type() == x.scalar_type(),
@@ -73,6 +94,22 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   KILN_DISPATCH(x.scalar_type(), "rms_norm", [&] {
     rms_norm_rows(x.const_data_ptr<scalar_t>(), x.stride(0), weight.const_data_ptr<scalar_t>(),
                   out.mutable_data_ptr<scalar_t>(), x.size(0), x.size(1), static_cast<float>(eps));
+  });
+  return out;
+}
+
+// residual [N, H] (updated in place), delta [N, H] (both unit inner stride) -> rms_norm(residual + delta).
+at::Tensor add_rms_norm(at::Tensor& residual, const at::Tensor& delta, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(residual.dim() == 2 && residual.stride(1) == 1 && delta.dim() == 2 && delta.stride(1) == 1 &&
+                  delta.sizes() == residual.sizes() && delta.scalar_type() == residual.scalar_type(),
+              "add_rms_norm: residual and delta must be [N, H] of one dtype with unit inner stride");
+  TORCH_CHECK(weight.is_contiguous() && weight.numel() == residual.size(1) && weight.scalar_type() == residual.scalar_type(),
+              "add_rms_norm: weight must be [H] in the residual's dtype");
+  auto out = at::empty({residual.size(0), residual.size(1)}, residual.options());
+  KILN_DISPATCH(residual.scalar_type(), "add_rms_norm", [&] {
+    add_rms_norm_rows(residual.mutable_data_ptr<scalar_t>(), residual.stride(0), delta.const_data_ptr<scalar_t>(),
+                      delta.stride(0), weight.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                      residual.size(0), residual.size(1), static_cast<float>(eps));
   });
   return out;
 }
@@ -187,12 +224,14 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up) {
 
 TORCH_LIBRARY_FRAGMENT(kiln_cpu, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm(Tensor(a!) residual, Tensor delta, Tensor weight, float eps) -> Tensor");
   m.def("rope(Tensor q, Tensor k, Tensor positions, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kiln_cpu, CPU, m) {
   m.impl("rms_norm", &rms_norm);
+  m.impl("add_rms_norm", &add_rms_norm);
   m.impl("rope", &rope);
   m.impl("silu_and_mul", &silu_and_mul);
 }

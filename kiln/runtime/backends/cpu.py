@@ -296,6 +296,14 @@ class FusedRMSNorm(RMSNorm):
             return super().forward(x)
         return cpu_ops.rms_norm(x, self.weight, self.eps)
 
+    def add_and_norm(self, residual: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # One pass, residual updated in place: it is the model's own stream (the embedding's
+        # output first), never a tensor the caller keeps.
+        if (residual.dim() != 2 or residual.stride(-1) != 1 or delta.shape != residual.shape
+                or delta.stride(-1) != 1 or residual.dtype != self.weight.dtype or delta.dtype != residual.dtype):
+            return super().add_and_norm(residual, delta)
+        return residual, cpu_ops.add_rms_norm(residual, delta, self.weight, self.eps)
+
 
 class FusedRotaryEmbedding(RotaryEmbedding):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
+    def add_and_norm(self, residual: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual + delta, its norm): a layer's residual add and the next norm, which a
+        backend may fuse (and then update `residual` in place; callers use the returned one)."""
+        residual = residual + delta
+        return residual, self(residual)
+
 
 # Rows up to which a linear with a copy of its weight for kiln_cpu::gemv_bf16 (Linear.gemv)
 # uses it by default: one row (AVX512-BF16 dots). Where AMX runs the same copy at several rows,

@@ -116,11 +116,14 @@ class LlamaForCausalLM(nn.Module):
         else:  # vocab-parallel: each rank embeds the ids in its rows, the sum is the embedding
             h = self.tp.embed(self.embed_tokens.weight, input_ids)
         residual = h
-        for layer in self.layers:
-            x = layer.input_layernorm(residual)
-            residual = residual + layer.self_attn(x, positions, self.rope, backend, meta)
-            x = layer.post_attention_layernorm(residual)
-            residual = residual + layer.mlp(x)
+        x = self.layers[0].input_layernorm(residual)
+        for i, layer in enumerate(self.layers):
+            residual, x = layer.post_attention_layernorm.add_and_norm(
+                residual, layer.self_attn(x, positions, self.rope, backend, meta))
+            if i + 1 < len(self.layers):
+                residual, x = self.layers[i + 1].input_layernorm.add_and_norm(residual, layer.mlp(x))
+            else:  # the final norm runs on the sampled rows only
+                residual = residual + layer.mlp(x)
         logits = self.lm_head(self.norm(residual[logits_indices]))
         if self.tp is not None:  # vocab-parallel LM head: gather every rank's columns
             logits = self.tp.gather_vocab(logits)
