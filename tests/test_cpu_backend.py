@@ -219,6 +219,11 @@ def test_paged_prefill_kernel_matches_float64_reference(kernel_built, Hkv, G, D,
     128; the decode rows ahead of the prefills are left untouched. Without AMX (or for an
     unsupported shape) the kernel must say so and refuse, and the backend keeps SDPA."""
     q, k, v, tables, starts, qlens, ctx = _prefill_case(Hkv, G, D, block_size, PREFILLS, lead=5, seed=G * D)
+    # Each context's last block scores far above the rest: a running max that jumps late, after
+    # output has accumulated (the kernel must rescale it, not just the sums).
+    for i, (_, c) in enumerate(PREFILLS):
+        last = int(tables[i, (c - 1) // block_size])
+        k[last * block_size:(last + 1) * block_size] *= 6
     out = torch.full((q.shape[0], Hkv, G, D), 7.0, dtype=torch.bfloat16)
     scale = D ** -0.5
     supported = cpu_ops.paged_prefill_supported(D, G)

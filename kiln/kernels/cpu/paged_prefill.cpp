@@ -31,6 +31,7 @@ namespace {
 #define KILN_AMX 1
 constexpr int QT = 16;  // query positions per tile: an AMX tile's rows
 constexpr int KT = 32;  // keys per key tile: an AMX tile's bf16 columns (two 16-key score tiles)
+constexpr float kLazyMax = 8.f;  // head size 64: how far scores may pass the running max unrescaled
 
 // exp(x) for x <= 0, exactly 0 below -87 (masked keys are -inf; a denormal there would send
 // every later multiply-add down a slow microcode path). The fast form (vec.h): its 2.7e-6
@@ -46,9 +47,10 @@ bool amx_ready() {
   return ok;
 }
 
-// Every tile used is 16 rows of 64 bytes: scores (tmm0, tmm1: 16 queries x 16 keys each),
+// Every tile is 16 rows of 64 bytes: scores (tmm0, tmm1: 16 queries x 16 keys each),
 // queries (tmm2: 32 head dims), keys (tmm3: 16 dim pairs x 16 keys), probabilities (tmm4:
-// 32 keys), values (tmm5: 16 key pairs x 16 dims) and the P.V product (tmm6).
+// 32 keys), values (tmm5: 16 key pairs x 16 dims) and the P.V product (tmm6). Head size 64
+// instead: queries then probabilities in tmm2, keys then values in tmm3, the output in tmm4-7.
 struct alignas(64) TileConfig {
   uint8_t palette = 1;
   uint8_t start_row = 0;
@@ -56,7 +58,7 @@ struct alignas(64) TileConfig {
   uint16_t colsb[16] = {};
   uint8_t rows[16] = {};
   TileConfig() {
-    for (int t = 0; t < 7; ++t) {
+    for (int t = 0; t < 8; ++t) {
       colsb[t] = 64;
       rows[t] = 16;
     }
@@ -186,56 +188,142 @@ void prefill_amx(const uint16_t* q, int64_t q_stride, const uint16_t* k, const u
           l[g][r] = 0.f;
         }
       const int64_t kend = qbase + nq;  // keys [0, kend): the last query's causal limit
-      for (int64_t j0 = 0, kt = 0; j0 < kend; j0 += KT, ++kt) {
-        const PackedKeys<D>& pk = keys[kt];
+      if constexpr (D == 64) {
+        // Head size 64: a head's whole output is four tiles (tmm4-7), so P.V accumulates in
+        // the tiles across key tiles. The running max moves only when a row's new scores
+        // exceed it by more than kLazyMax (e^8: no overflow, and bf16 probabilities keep their
+        // relative precision at any scale); only then are the output tiles stored, rescaled
+        // and reloaded. Heads one at a time; the packed keys stay in L2 between them.
         for (int g = 0; g < G; ++g) {
-          _tile_zero(0);
-          _tile_zero(1);
-          for (int ks = 0; ks < D / 32; ++ks) {
-            _tile_loadd(2, &qbuf[g][0][ks * 32], D * sizeof(uint16_t));
-            _tile_loadd(3, pk.k[ks][0], 64);
+          _tile_zero(4);
+          _tile_zero(5);
+          _tile_zero(6);
+          _tile_zero(7);
+          for (int64_t j0 = 0, kt = 0; j0 < kend; j0 += KT, ++kt) {
+            const PackedKeys<D>& pk = keys[kt];
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_loadd(2, &qbuf[g][0][0], D * sizeof(uint16_t));
+            _tile_loadd(3, pk.k[0][0], 64);
             _tile_dpbf16ps(0, 2, 3);
-            _tile_loadd(3, pk.k[ks][1], 64);
+            _tile_loadd(3, pk.k[0][1], 64);
             _tile_dpbf16ps(1, 2, 3);
-          }
-          _tile_stored(0, &sbuf[0][0], KT * sizeof(float));
-          _tile_stored(1, &sbuf[0][16], KT * sizeof(float));
-          // Scale, causal mask (query r sees key j0 + c iff c <= qbase + r - j0), row max.
-          for (int r = 0; r < QT; ++r) {
-            __m512 s0 = _mm512_mul_ps(_mm512_load_ps(&sbuf[r][0]), sv);
-            __m512 s1 = _mm512_mul_ps(_mm512_load_ps(&sbuf[r][16]), sv);
-            const int64_t lim = qbase + r - j0;
-            if (lim < KT - 1) {
-              const __m512i lv = _mm512_set1_epi32(static_cast<int>(lim));
-              s0 = _mm512_mask_mov_ps(s0, _mm512_cmpgt_epi32_mask(iota, lv), neg_inf);
-              s1 = _mm512_mask_mov_ps(s1, _mm512_cmpgt_epi32_mask(iota16, lv), neg_inf);
-            }
-            _mm512_store_ps(&sbuf[r][0], s0);
-            _mm512_store_ps(&sbuf[r][16], s1);
-            mnew[r] = std::max(m[g][r], _mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
-          }
-          // Every query sees key 0, so each row's max is finite from the first key tile on.
-          const __m512 mo = _mm512_load_ps(m[g]), mn = _mm512_load_ps(mnew);
-          _mm512_store_ps(alpha, exp_or_zero(_mm512_sub_ps(mo, mn)));
-          _mm512_store_ps(m[g], mn);
-          for (int r = 0; r < QT; ++r) {
-            const __m512 mr = _mm512_set1_ps(mnew[r]);
-            const __m512 e0 = exp_or_zero(_mm512_sub_ps(_mm512_load_ps(&sbuf[r][0]), mr));
-            const __m512 e1 = exp_or_zero(_mm512_sub_ps(_mm512_load_ps(&sbuf[r][16]), mr));
-            sums[r] = _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
-            _mm512_store_si512(pbuf[r], (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
-          }
-          _mm512_store_ps(l[g], _mm512_fmadd_ps(_mm512_load_ps(l[g]), _mm512_load_ps(alpha), _mm512_load_ps(sums)));
-          _tile_loadd(4, &pbuf[0][0], KT * sizeof(uint16_t));
-          for (int dt = 0; dt < V16; ++dt) {
-            _tile_zero(6);
-            _tile_loadd(5, pk.v[dt], 64);
-            _tile_dpbf16ps(6, 4, 5);
-            _tile_stored(6, &tbuf[0][0], 64);
+            _tile_loadd(2, &qbuf[g][0][32], D * sizeof(uint16_t));
+            _tile_loadd(3, pk.k[1][0], 64);
+            _tile_dpbf16ps(0, 2, 3);
+            _tile_loadd(3, pk.k[1][1], 64);
+            _tile_dpbf16ps(1, 2, 3);
+            _tile_stored(0, &sbuf[0][0], KT * sizeof(float));
+            _tile_stored(1, &sbuf[0][16], KT * sizeof(float));
             for (int r = 0; r < QT; ++r) {
-              float* orow = &o[g][r][dt * 16];
-              _mm512_store_ps(orow, _mm512_fmadd_ps(_mm512_load_ps(orow), _mm512_set1_ps(alpha[r]),
-                                                    _mm512_load_ps(tbuf[r])));
+              __m512 s0 = _mm512_mul_ps(_mm512_load_ps(&sbuf[r][0]), sv);
+              __m512 s1 = _mm512_mul_ps(_mm512_load_ps(&sbuf[r][16]), sv);
+              const int64_t lim = qbase + r - j0;
+              if (lim < KT - 1) {
+                const __m512i lv = _mm512_set1_epi32(static_cast<int>(lim));
+                s0 = _mm512_mask_mov_ps(s0, _mm512_cmpgt_epi32_mask(iota, lv), neg_inf);
+                s1 = _mm512_mask_mov_ps(s1, _mm512_cmpgt_epi32_mask(iota16, lv), neg_inf);
+              }
+              _mm512_store_ps(&sbuf[r][0], s0);
+              _mm512_store_ps(&sbuf[r][16], s1);
+              mnew[r] = _mm512_reduce_max_ps(_mm512_max_ps(s0, s1));
+            }
+            const __m512 mo = _mm512_load_ps(m[g]), mt = _mm512_load_ps(mnew);
+            if (_mm512_cmp_ps_mask(mt, _mm512_add_ps(mo, _mm512_set1_ps(kLazyMax)), _CMP_GT_OQ)) {
+              const __m512 mn = _mm512_max_ps(mo, mt);
+              _mm512_store_ps(alpha, exp_or_zero(_mm512_sub_ps(mo, mn)));
+              _mm512_store_ps(m[g], mn);
+              _mm512_store_ps(l[g], _mm512_mul_ps(_mm512_load_ps(l[g]), _mm512_load_ps(alpha)));
+              if (j0 > 0) {  // (the first key tile finds them zero) o[g] is this head's scratch until its end
+                _tile_stored(4, &o[g][0][0], D * sizeof(float));
+                _tile_stored(5, &o[g][0][16], D * sizeof(float));
+                _tile_stored(6, &o[g][0][32], D * sizeof(float));
+                _tile_stored(7, &o[g][0][48], D * sizeof(float));
+                for (int r = 0; r < QT; ++r) {
+                  const __m512 a = _mm512_set1_ps(alpha[r]);
+                  for (int i = 0; i < D; i += 16) _mm512_store_ps(&o[g][r][i], _mm512_mul_ps(_mm512_load_ps(&o[g][r][i]), a));
+                }
+                _tile_loadd(4, &o[g][0][0], D * sizeof(float));
+                _tile_loadd(5, &o[g][0][16], D * sizeof(float));
+                _tile_loadd(6, &o[g][0][32], D * sizeof(float));
+                _tile_loadd(7, &o[g][0][48], D * sizeof(float));
+              }
+            }
+            for (int r = 0; r < QT; ++r) {
+              const __m512 mr = _mm512_set1_ps(m[g][r]);
+              const __m512 e0 = exp_or_zero(_mm512_sub_ps(_mm512_load_ps(&sbuf[r][0]), mr));
+              const __m512 e1 = exp_or_zero(_mm512_sub_ps(_mm512_load_ps(&sbuf[r][16]), mr));
+              sums[r] = _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
+              _mm512_store_si512(pbuf[r], (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+            }
+            _mm512_store_ps(l[g], _mm512_add_ps(_mm512_load_ps(l[g]), _mm512_load_ps(sums)));
+            _tile_loadd(2, &pbuf[0][0], KT * sizeof(uint16_t));
+            _tile_loadd(3, pk.v[0], 64);
+            _tile_dpbf16ps(4, 2, 3);
+            _tile_loadd(3, pk.v[1], 64);
+            _tile_dpbf16ps(5, 2, 3);
+            _tile_loadd(3, pk.v[2], 64);
+            _tile_dpbf16ps(6, 2, 3);
+            _tile_loadd(3, pk.v[3], 64);
+            _tile_dpbf16ps(7, 2, 3);
+          }
+          _tile_stored(4, &o[g][0][0], D * sizeof(float));
+          _tile_stored(5, &o[g][0][16], D * sizeof(float));
+          _tile_stored(6, &o[g][0][32], D * sizeof(float));
+          _tile_stored(7, &o[g][0][48], D * sizeof(float));
+        }
+      } else {
+        for (int64_t j0 = 0, kt = 0; j0 < kend; j0 += KT, ++kt) {
+          const PackedKeys<D>& pk = keys[kt];
+          for (int g = 0; g < G; ++g) {
+            _tile_zero(0);
+            _tile_zero(1);
+            for (int ks = 0; ks < D / 32; ++ks) {
+              _tile_loadd(2, &qbuf[g][0][ks * 32], D * sizeof(uint16_t));
+              _tile_loadd(3, pk.k[ks][0], 64);
+              _tile_dpbf16ps(0, 2, 3);
+              _tile_loadd(3, pk.k[ks][1], 64);
+              _tile_dpbf16ps(1, 2, 3);
+            }
+            _tile_stored(0, &sbuf[0][0], KT * sizeof(float));
+            _tile_stored(1, &sbuf[0][16], KT * sizeof(float));
+            // Scale, causal mask (query r sees key j0 + c iff c <= qbase + r - j0), row max.
+            for (int r = 0; r < QT; ++r) {
+              __m512 s0 = _mm512_mul_ps(_mm512_load_ps(&sbuf[r][0]), sv);
+              __m512 s1 = _mm512_mul_ps(_mm512_load_ps(&sbuf[r][16]), sv);
+              const int64_t lim = qbase + r - j0;
+              if (lim < KT - 1) {
+                const __m512i lv = _mm512_set1_epi32(static_cast<int>(lim));
+                s0 = _mm512_mask_mov_ps(s0, _mm512_cmpgt_epi32_mask(iota, lv), neg_inf);
+                s1 = _mm512_mask_mov_ps(s1, _mm512_cmpgt_epi32_mask(iota16, lv), neg_inf);
+              }
+              _mm512_store_ps(&sbuf[r][0], s0);
+              _mm512_store_ps(&sbuf[r][16], s1);
+              mnew[r] = std::max(m[g][r], _mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
+            }
+            // Every query sees key 0, so each row's max is finite from the first key tile on.
+            const __m512 mo = _mm512_load_ps(m[g]), mn = _mm512_load_ps(mnew);
+            _mm512_store_ps(alpha, exp_or_zero(_mm512_sub_ps(mo, mn)));
+            _mm512_store_ps(m[g], mn);
+            for (int r = 0; r < QT; ++r) {
+              const __m512 mr = _mm512_set1_ps(mnew[r]);
+              const __m512 e0 = exp_or_zero(_mm512_sub_ps(_mm512_load_ps(&sbuf[r][0]), mr));
+              const __m512 e1 = exp_or_zero(_mm512_sub_ps(_mm512_load_ps(&sbuf[r][16]), mr));
+              sums[r] = _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
+              _mm512_store_si512(pbuf[r], (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+            }
+            _mm512_store_ps(l[g], _mm512_fmadd_ps(_mm512_load_ps(l[g]), _mm512_load_ps(alpha), _mm512_load_ps(sums)));
+            _tile_loadd(4, &pbuf[0][0], KT * sizeof(uint16_t));
+            for (int dt = 0; dt < V16; ++dt) {
+              _tile_zero(6);
+              _tile_loadd(5, pk.v[dt], 64);
+              _tile_dpbf16ps(6, 4, 5);
+              _tile_stored(6, &tbuf[0][0], 64);
+              for (int r = 0; r < QT; ++r) {
+                float* orow = &o[g][r][dt * 16];
+                _mm512_store_ps(orow, _mm512_fmadd_ps(_mm512_load_ps(orow), _mm512_set1_ps(alpha[r]),
+                                                      _mm512_load_ps(tbuf[r])));
+              }
             }
           }
         }
