@@ -15,8 +15,7 @@
 #include <cstring>
 #include <vector>
 
-#include <sys/syscall.h>
-#include <unistd.h>
+#include "amx.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -49,31 +48,16 @@ at::Tensor pack_gemv_bf16(const at::Tensor& w) {
 constexpr int64_t kAmxMaxRows = 64;
 constexpr int64_t kPrefetchBytes = 16384;  // into L2; measured against 4-32 KB and L1
 
-bool amx_ready() {  // Linux hands AMX's tile state to a process only on request (once; oneDNN asks too)
-  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-  return ok;
-}
-
-struct alignas(64) TileConfig {  // tiles 0-3: y (16 rows x 16 float32), 4: x (16 rows x 32), 5: w (16 pairs x 16)
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-  TileConfig() {
-    for (int t = 0; t < 6; ++t) {
-      colsb[t] = 64;
-      rows[t] = 16;
-    }
-  }
-};
+// Tiles 0-3: y (16 rows x 16 float32 each), 4: x (16 rows x 32 columns), 5: w (16 column
+// pairs x 16 outputs).
+using kiln::amx_ready;
 
 // x: MT * 16 rows of K (zero past M), contiguous. y [M, N].
 template <int MT>
 void gemm_amx(const uint16_t* x, const uint16_t* w, int64_t M, int64_t K, int64_t blocks, uint16_t* y) {
   const int64_t N = blocks * kBlock;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    TileConfig cfg;
+    kiln::TileConfig cfg(6);
     _tile_loadconfig(&cfg);
     alignas(64) float out[16][16];
     for (int64_t b = b0; b < b1; ++b) {

@@ -20,9 +20,7 @@
 #include <limits>
 #include <vector>
 
-#include <sys/syscall.h>
-#include <unistd.h>
-
+#include "amx.h"
 #include "vec.h"
 
 namespace {
@@ -41,29 +39,29 @@ inline __m512 exp_or_zero(__m512 x) {
   return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_GE_OQ), kiln::exp512_fast(x));
 }
 
-// Linux hands AMX's tile state to a process only on request (once; oneDNN asks too).
-bool amx_ready() {
-  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-  return ok;
+using kiln::amx_ready;
+
+// One query row's scores of a key tile (32 floats): scaled, causally masked (the row sees key
+// j0 + c iff c <= lim = its position - j0), stored back; returns their max.
+inline float scale_mask_row(float* row, __m512 scale, int64_t lim) {
+  __m512 s0 = _mm512_mul_ps(_mm512_load_ps(row), scale);
+  __m512 s1 = _mm512_mul_ps(_mm512_load_ps(row + 16), scale);
+  if (lim < KT - 1) {
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i lv = _mm512_set1_epi32(static_cast<int>(lim));
+    const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    s0 = _mm512_mask_mov_ps(s0, _mm512_cmpgt_epi32_mask(iota, lv), neg_inf);
+    s1 = _mm512_mask_mov_ps(s1, _mm512_cmpgt_epi32_mask(_mm512_add_epi32(iota, _mm512_set1_epi32(16)), lv), neg_inf);
+  }
+  _mm512_store_ps(row, s0);
+  _mm512_store_ps(row + 16, s1);
+  return _mm512_reduce_max_ps(_mm512_max_ps(s0, s1));
 }
 
 // Every tile is 16 rows of 64 bytes: scores (tmm0, tmm1: 16 queries x 16 keys each),
 // queries (tmm2: 32 head dims), keys (tmm3: 16 dim pairs x 16 keys), probabilities (tmm4:
 // 32 keys), values (tmm5: 16 key pairs x 16 dims) and the P.V product (tmm6). Head size 64
 // instead: queries then probabilities in tmm2, keys then values in tmm3, the output in tmm4-7.
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-  TileConfig() {
-    for (int t = 0; t < 8; ++t) {
-      colsb[t] = 64;
-      rows[t] = 16;
-    }
-  }
-};
 
 // One key tile of one (sequence, KV head), packed for the tile multiplies: K as [D/32 steps]
 // [2 halves][16 dim pairs][16 keys] pairs (the score product's B operand), V as [D/16 column
@@ -153,7 +151,7 @@ void prefill_amx(const uint16_t* q, int64_t q_stride, const uint16_t* k, const u
   });
   // Pass 2: a task is (sequence, KV head, 16 query positions) with the G heads of its group.
   at::parallel_for(0, first_task[P], 1, [&](int64_t begin, int64_t end) {
-    TileConfig cfg;
+    kiln::TileConfig cfg(8);
     _tile_loadconfig(&cfg);
     alignas(64) uint16_t qbuf[G][QT][D];  // the tile's queries, rows past the prompt zero
     alignas(64) float o[G][QT][D];        // running output (unnormalised)
@@ -161,9 +159,6 @@ void prefill_amx(const uint16_t* q, int64_t q_stride, const uint16_t* k, const u
     alignas(64) uint16_t pbuf[QT][KT];    // ... and probabilities, bf16
     alignas(64) float tbuf[QT][16];       // P.V of one column tile
     alignas(64) float m[G][QT], l[G][QT], mnew[QT], sums[QT], alpha[QT];
-    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i iota16 = _mm512_add_epi32(iota, _mm512_set1_epi32(16));
-    const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     const __m512 sv = _mm512_set1_ps(scale);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t p = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
@@ -215,19 +210,7 @@ void prefill_amx(const uint16_t* q, int64_t q_stride, const uint16_t* k, const u
             _tile_dpbf16ps(1, 2, 3);
             _tile_stored(0, &sbuf[0][0], KT * sizeof(float));
             _tile_stored(1, &sbuf[0][16], KT * sizeof(float));
-            for (int r = 0; r < QT; ++r) {
-              __m512 s0 = _mm512_mul_ps(_mm512_load_ps(&sbuf[r][0]), sv);
-              __m512 s1 = _mm512_mul_ps(_mm512_load_ps(&sbuf[r][16]), sv);
-              const int64_t lim = qbase + r - j0;
-              if (lim < KT - 1) {
-                const __m512i lv = _mm512_set1_epi32(static_cast<int>(lim));
-                s0 = _mm512_mask_mov_ps(s0, _mm512_cmpgt_epi32_mask(iota, lv), neg_inf);
-                s1 = _mm512_mask_mov_ps(s1, _mm512_cmpgt_epi32_mask(iota16, lv), neg_inf);
-              }
-              _mm512_store_ps(&sbuf[r][0], s0);
-              _mm512_store_ps(&sbuf[r][16], s1);
-              mnew[r] = _mm512_reduce_max_ps(_mm512_max_ps(s0, s1));
-            }
+            for (int r = 0; r < QT; ++r) mnew[r] = scale_mask_row(sbuf[r], sv, qbase + r - j0);
             const __m512 mo = _mm512_load_ps(m[g]), mt = _mm512_load_ps(mnew);
             if (_mm512_cmp_ps_mask(mt, _mm512_add_ps(mo, _mm512_set1_ps(kLazyMax)), _CMP_GT_OQ)) {
               const __m512 mn = _mm512_max_ps(mo, mt);
@@ -287,20 +270,7 @@ void prefill_amx(const uint16_t* q, int64_t q_stride, const uint16_t* k, const u
             }
             _tile_stored(0, &sbuf[0][0], KT * sizeof(float));
             _tile_stored(1, &sbuf[0][16], KT * sizeof(float));
-            // Scale, causal mask (query r sees key j0 + c iff c <= qbase + r - j0), row max.
-            for (int r = 0; r < QT; ++r) {
-              __m512 s0 = _mm512_mul_ps(_mm512_load_ps(&sbuf[r][0]), sv);
-              __m512 s1 = _mm512_mul_ps(_mm512_load_ps(&sbuf[r][16]), sv);
-              const int64_t lim = qbase + r - j0;
-              if (lim < KT - 1) {
-                const __m512i lv = _mm512_set1_epi32(static_cast<int>(lim));
-                s0 = _mm512_mask_mov_ps(s0, _mm512_cmpgt_epi32_mask(iota, lv), neg_inf);
-                s1 = _mm512_mask_mov_ps(s1, _mm512_cmpgt_epi32_mask(iota16, lv), neg_inf);
-              }
-              _mm512_store_ps(&sbuf[r][0], s0);
-              _mm512_store_ps(&sbuf[r][16], s1);
-              mnew[r] = std::max(m[g][r], _mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
-            }
+            for (int r = 0; r < QT; ++r) mnew[r] = std::max(m[g][r], scale_mask_row(sbuf[r], sv, qbase + r - j0));
             // Every query sees key 0, so each row's max is finite from the first key tile on.
             const __m512 mo = _mm512_load_ps(m[g]), mn = _mm512_load_ps(mnew);
             _mm512_store_ps(alpha, exp_or_zero(_mm512_sub_ps(mo, mn)));
