@@ -3,11 +3,13 @@
 // whole context (cached prefix + the new tokens, already written to the cache), read in place
 // through its block table, so a prompt behind a cached prefix needs no gather copy and no mask.
 //
-// A task is (sequence, KV head, tile of 16 query positions). The tile's queries sit in the 16
-// lanes of a zmm (one per query head of the GQA group), so scores come from AVX512-BF16 dot
-// products against each key's pairs broadcast, the causal mask is a lane compare, and the
-// online softmax (running max and sum per lane) needs no horizontal reductions. Key tiles
-// past a query tile's last position are never visited. Scores, softmax and the output are float32.
+// On AMX tiles (CPUs with AMX-BF16; elsewhere the backend keeps SDPA). A task is (sequence, KV
+// head, 16 query positions) with the G query heads of its group; each (sequence, KV head)'s keys
+// are packed once into tile operands for all its query tiles. Scores (16 queries x 32 keys) and
+// P.V are tile products; scale, causal mask and the online softmax run in AVX-512 on the score
+// rows, with probabilities rounded to bf16 for the P.V product (as SDPA's bf16 kernel does).
+// Key tiles past a query tile's last position are never visited. Scores, softmax and the
+// output accumulate in float32.
 // Registered as torch.ops.kiln_cpu.paged_prefill (in place into `out`); built by cpu_ops.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
