@@ -461,8 +461,8 @@ def test_gemv_bf16_matches_float64(kernel_built, M, N, K):
 
 
 def test_gemv_bf16_max_rows_follows_the_cpu(kernel_built):
-    """64 rows where AMX runs the tile path, one where only AVX512-BF16 dots do; and the
-    backend gives its linears that limit."""
+    """64 rows where AMX runs the tile path, one where only AVX512-BF16 dots do (the engine's
+    linears carrying that limit: tests/test_cpu_decode_loop.py)."""
     flags = open("/proc/cpuinfo").read()
     amx = " amx_bf16" in flags and " amx_tile" in flags
     assert cpu_ops.gemv_bf16_max_rows() == (64 if amx and cpu_ops.gemv_bf16_supported() else 1)

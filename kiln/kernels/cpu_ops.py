@@ -87,7 +87,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 
 
 def paged_prefill_supported(head_dim: int, group: int) -> bool:
-    """Whether paged_prefill runs here for this head size and GQA group (AVX512-BF16, bfloat16)."""
+    """Whether paged_prefill runs here for this head size and GQA group (a CPU with AMX-BF16)."""
     return bool(torch.ops.kiln_cpu.paged_prefill_supported(head_dim, group))
 
 

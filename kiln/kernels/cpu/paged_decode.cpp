@@ -297,9 +297,7 @@ using FastKernel = void (*)(const uint16_t*, const uint16_t*, const uint16_t*, c
 FastKernel fast_kernel(int64_t D, int64_t G) {
 #define KILN_CASE(d, g) \
   if (D == d && G == g) return &decode_bf16<d, g>;
-  KILN_CASE(64, 1) KILN_CASE(64, 2) KILN_CASE(64, 3) KILN_CASE(64, 4) KILN_CASE(64, 5) KILN_CASE(64, 6)
-  KILN_CASE(64, 7) KILN_CASE(64, 8) KILN_CASE(128, 1) KILN_CASE(128, 2) KILN_CASE(128, 3) KILN_CASE(128, 4)
-  KILN_CASE(128, 5) KILN_CASE(128, 6) KILN_CASE(128, 7) KILN_CASE(128, 8)
+  KILN_ATTENTION_SHAPES(KILN_CASE)
 #undef KILN_CASE
   return nullptr;
 }

@@ -20,6 +20,7 @@
 #include <cstring>
 #include <initializer_list>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "amx.h"
@@ -142,7 +143,8 @@ void prefill_amx(const uint16_t* q, int64_t q_stride, const uint16_t* k, const u
     first_pack[p + 1] = first_pack[p] + Hkv * ((ctxlens[p] + KT - 1) / KT);
     first_task[p + 1] = first_task[p] + Hkv * ((qlens[p] + QT - 1) / QT);
   }
-  std::vector<PackedKeys<D>> packed(first_pack[P]);
+  // Left uninitialised: pack_keys writes every element (a vector would zero them all first).
+  std::unique_ptr<PackedKeys<D>[]> packed(new PackedKeys<D>[first_pack[P]]);
   at::parallel_for(0, first_pack[P], 8, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t p = std::upper_bound(first_pack.begin(), first_pack.end(), i) - first_pack.begin() - 1;
@@ -173,7 +175,7 @@ void prefill_amx(const uint16_t* q, int64_t q_stride, const uint16_t* k, const u
       const int nq = static_cast<int>(std::min<int64_t>(QT, qlen - i0));
       const int64_t qbase = ctxlens[p] - qlen + i0;  // position of the tile's first query
       const int64_t row0 = starts[p] + i0;
-      const PackedKeys<D>* keys = packed.data() + first_pack[p] + h * ((ctxlens[p] + KT - 1) / KT);
+      const PackedKeys<D>* keys = packed.get() + first_pack[p] + h * ((ctxlens[p] + KT - 1) / KT);
       std::memset(qbuf, 0, sizeof(qbuf));
       for (int r = 0; r < nq; ++r)
         for (int g = 0; g < G; ++g)
@@ -319,9 +321,7 @@ Kernel kernel_for(int64_t D, int64_t G) {
   if (!amx_ready()) return nullptr;
 #define KILN_CASE(d, g) \
   if (D == d && G == g) return &prefill_amx<d, g>;
-  KILN_CASE(64, 1) KILN_CASE(64, 2) KILN_CASE(64, 3) KILN_CASE(64, 4) KILN_CASE(64, 5) KILN_CASE(64, 6)
-  KILN_CASE(64, 7) KILN_CASE(64, 8) KILN_CASE(128, 1) KILN_CASE(128, 2) KILN_CASE(128, 3) KILN_CASE(128, 4)
-  KILN_CASE(128, 5) KILN_CASE(128, 6) KILN_CASE(128, 7) KILN_CASE(128, 8)
+  KILN_ATTENTION_SHAPES(KILN_CASE)
 #undef KILN_CASE
   return nullptr;
 }

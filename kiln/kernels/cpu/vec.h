@@ -65,6 +65,11 @@ inline void f32x16_to_bf16(__m512 x, uint16_t* p) {
 }  // namespace kiln
 #endif
 
+// The (head size, GQA group) pairs the attention kernels specialise: CASE(d, g) for each.
+#define KILN_ATTENTION_SHAPES(CASE)                                                               \
+  CASE(64, 1) CASE(64, 2) CASE(64, 3) CASE(64, 4) CASE(64, 5) CASE(64, 6) CASE(64, 7) CASE(64, 8) \
+  CASE(128, 1) CASE(128, 2) CASE(128, 3) CASE(128, 4) CASE(128, 5) CASE(128, 6) CASE(128, 7) CASE(128, 8)
+
 namespace kiln {
 
 // One element of a model dtype to and from float32 (the scalar tails of every kernel).
