@@ -17,7 +17,7 @@ BS = 16
 
 
 def reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor,
-              context_len: int, scale: float) -> torch.Tensor:
+              context_len: int, scale: float, block_size: int = BS) -> torch.Tensor:
     """float64 attention of one sequence's n newest queries [n, H, D] over its context_len
     cached tokens (the queries are the last n positions, causal), GQA by head groups.
     Deliberately not kiln.kernels' references: importing those Triton modules here would fix
@@ -25,7 +25,7 @@ def reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
     n, H, D = q.shape
     group = H // k_cache.shape[1]
     pos = torch.arange(context_len)
-    slots = block_ids[pos // BS].long() * BS + pos % BS
+    slots = block_ids[pos // block_size].long() * block_size + pos % block_size
     k = k_cache[slots].double().repeat_interleave(group, dim=1)  # [ctx, H, D]
     v = v_cache[slots].double().repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q.double(), k) * scale
@@ -34,8 +34,8 @@ def reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
-def decode_reference(q, k_cache, v_cache, tables, lens, scale) -> torch.Tensor:
-    return torch.cat([reference(q[b:b + 1], k_cache, v_cache, tables[b], int(lens[b]), scale)
+def decode_reference(q, k_cache, v_cache, tables, lens, scale, block_size: int = BS) -> torch.Tensor:
+    return torch.cat([reference(q[b:b + 1], k_cache, v_cache, tables[b], int(lens[b]), scale, block_size)
                       for b in range(q.shape[0])])
 
 
@@ -98,6 +98,36 @@ def test_paged_decode_kernel_long_contexts_match_float64_reference(kernel_built,
     ref = decode_reference(q, k, v, tables, lens, scale)
     err = (got.view(B, Hkv * G, D).double() - ref).abs().max().item()
     assert err < (1.6e-2 if dtype == torch.bfloat16 else 1e-5), err
+
+
+@pytest.mark.parametrize("block_size", [8, 16, 32, 48])
+def test_paged_decode_kernel_reads_only_the_context(kernel_built, block_size):
+    """Every cache slot outside the contexts holds NaN (freed or never-written blocks may hold
+    anything). On AMX CPUs, block sizes 16, 32 and 48 take the tile path, which loads whole
+    16-position tiles and 32-position groups: what lies past a context must be masked out, not
+    multiplied by a zero probability (NaN * 0 is NaN). Block size 8 takes the AVX-512 path.
+    Contexts: 1 position, one short of and one past a 16- and a 32-position group, a block
+    boundary, and past the 256-position chunk (split and merged)."""
+    B, Hkv, G, D = 12, 3, 3, 64
+    g = torch.Generator().manual_seed(block_size)
+    lens = torch.tensor([1, 15, 17, 31, 33, block_size, 257, 300, 2, 100, 64, 129])
+    blocks = int(-(-lens.max() // block_size))
+    num_blocks = B * blocks + 2
+    tables = torch.randperm(num_blocks, generator=g)[: B * blocks].view(B, blocks).clone()
+    k = torch.full((num_blocks * block_size, Hkv, D), float("nan"), dtype=torch.bfloat16)
+    v = torch.full_like(k, float("nan"))
+    for b in range(B):
+        pos = torch.arange(int(lens[b]))
+        slots = tables[b][pos // block_size] * block_size + pos % block_size
+        k[slots] = torch.randn(len(pos), Hkv, D, generator=g).bfloat16()
+        v[slots] = torch.randn(len(pos), Hkv, D, generator=g).bfloat16()
+    q = torch.randn(B, Hkv * G, D, generator=g).bfloat16()
+    scale = D ** -0.5
+    got = cpu_ops.paged_decode(q.view(B, Hkv, G, D), k, v, tables, lens, block_size, scale)
+    assert not got.isnan().any()
+    ref = decode_reference(q, k, v, tables, lens, scale, block_size)
+    err = (got.view(B, Hkv * G, D).double() - ref).abs().max().item()
+    assert err < 1.6e-2, err
 
 
 def test_paged_decode_kernel_result_does_not_depend_on_the_batch(kernel_built):

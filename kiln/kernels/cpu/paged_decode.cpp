@@ -4,7 +4,11 @@
 // One task per sequence (or per (sequence, KV head) for small batches): the G query heads of a
 // GQA group share each K/V row read from memory. The bfloat16 kernel also splits contexts
 // longer than 256 positions into chunks and merges their partial softmaxes (flash-decoding),
-// so a few long sequences keep both threads busy reading whole cache slots. Scores and the running output are float32 whatever the cache dtype.
+// so a few long sequences keep both threads busy reading whole cache slots. Scores and the
+// running output are float32 whatever the cache dtype. bfloat16 with head size 64 runs on AMX
+// tiles where the CPU has them (K straight from the cache as a tile, the queries as the other
+// operand; P.V on tiles), streaming the next task's blocks into L2 meanwhile; other specialised
+// shapes use AVX512-BF16 dot products; the rest a generic loop.
 // Built at run time by kiln/kernels/cpu_ops.py (torch.utils.cpp_extension); registered as
 // torch.ops.kiln_cpu.paged_decode.
 #include <ATen/ATen.h>
@@ -16,8 +20,12 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
+#include "amx.h"
 #include "vec.h"
 
 namespace {
@@ -147,11 +155,13 @@ void decode(const T* q, const T* k, const T* v, const int64_t* tables, const int
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-// bfloat16 cache, head size D and group size G known at compile time: a head's G queries stay
-// in registers as bf16 pairs, scores come from AVX512-BF16 dot products straight off the cache
-// rows (no conversion), and the G x D output accumulators stay in registers over the V pass.
+// The bfloat16 cache with head size D and group size G known at compile time. A driver splits
+// the work into tasks and writes results; a worker computes one (chunk of a sequence, KV head):
+// its G queries' unnormalised output, score max and exp-sum. Two workers: AVX-512 (any CPU with
+// AVX512-BF16) and AMX tiles (head size 64, blocks of a multiple of 16 slots).
+//
 // The cache is far bigger than the caches and blocks are scattered: while one block is being
-// read, the same row of the next block is requested, so memory latency overlaps the math.
+// read, the next one is requested, so memory latency overlaps the math.
 template <int D>
 inline void prefetch_row(const uint16_t* next) {
   if (next == nullptr) return;
@@ -159,14 +169,15 @@ inline void prefetch_row(const uint16_t* next) {
   for (int line = 0; line < D * 2; line += 64) _mm_prefetch(row + line, _MM_HINT_T0);
 }
 
-// A whole cache slot (all KV heads of one position: Hkv x D values) towards L1. When a task
-// holds all KV heads of a sequence, its first head's K pass fetches the next block's K slots
-// whole and this position's V slot, so the V pass and the other heads find their rows in cache
-// instead of each streaming strided rows from memory (in a full model the 30 layers' caches
-// do not stay in cache between steps: 32 sequences x 150 positions, 388 -> 239 us a layer).
+// Cache slots (all KV heads of positions: `values` bf16) towards the cache level `hint`. When a
+// task holds all KV heads of a sequence, its first head's K pass fetches the next block's K slots
+// whole and the V slots, so the V pass and the other heads find their rows in cache instead of
+// each streaming strided rows from memory (in a full model the 30 layers' caches do not stay in
+// cache between steps: 32 sequences x 150 positions, 388 -> 239 us a layer).
+template <int hint = _MM_HINT_T0>
 inline void prefetch_slot(const uint16_t* slot, int64_t values) {
   const char* p = reinterpret_cast<const char*>(slot);
-  for (int64_t line = 0; line < values * 2; line += 64) _mm_prefetch(p + line, _MM_HINT_T0);
+  for (int64_t line = 0; line < values * 2; line += 64) _mm_prefetch(p + line, static_cast<_mm_hint>(hint));
 }
 
 // A long context is split into chunks of this many positions (rounded to whole blocks) whose
@@ -176,11 +187,288 @@ inline void prefetch_slot(const uint16_t* slot, int64_t values) {
 // its result does too; a context of one chunk is computed exactly as without splitting.
 constexpr int64_t kChunkPositions = 256;
 
+// What a worker reads: one chunk [t_begin, t_end) of one sequence's context, and whether it
+// leads its task (the first of several KV heads: it prefetches whole slots for the others).
+struct Span {
+  const int64_t* table;
+  int64_t t_begin, t_end, block_size, slot_stride;
+  bool lead;
+};
+
+// One (chunk, KV head)'s result: unnormalised output of its G query heads, their scaled-score
+// max and exp-sum.
 template <int D, int G>
+struct HeadOut {
+  alignas(64) float acc[G][D];
+  float max[G], sum[G];
+};
+
+// AVX-512: a head's G queries stay in registers as bf16 pairs, scores come from AVX512-BF16
+// dot products straight off the cache rows (no conversion), and the G x D output
+// accumulators stay in registers over the V pass.
+template <int D, int G>
+struct AvxWorker {
+  std::vector<float> scores;
+  static constexpr bool kStreams = false;
+
+  void operator()(const uint16_t* qh, const uint16_t* k, const uint16_t* v, int64_t h, const Span& sp,
+                  float scale, HeadOut<D, G>& r) {
+    constexpr int P = D / 32;  // zmm of bf16 pairs per row
+    constexpr int V = D / 16;  // zmm of float32 per row
+    const int64_t t_begin = sp.t_begin, n = sp.t_end - sp.t_begin, slot_stride = sp.slot_stride;
+    scores.resize(G * n);
+    __m512bh qv[G][P];
+    for (int g = 0; g < G; ++g)
+      for (int p = 0; p < P; ++p) qv[g][p] = (__m512bh)_mm512_loadu_si512(qh + g * D + p * 32);
+    for_each_row(k, sp.table, t_begin, sp.t_end, sp.block_size, slot_stride, h * D,
+                 [&](const uint16_t* kr, int64_t t, const uint16_t* next) {
+      if (sp.lead) {
+        // This position's V slot too: the V pass reads it right after this pass.
+        if (next != nullptr) prefetch_slot(next - h * D, slot_stride);
+        prefetch_slot(v + (kr - k) - h * D, slot_stride);
+      } else {
+        prefetch_row<D>(next);
+      }
+      __m512bh kv[P];
+      for (int p = 0; p < P; ++p) kv[p] = (__m512bh)_mm512_loadu_si512(kr + p * 32);
+      for (int g = 0; g < G; ++g) {
+        __m512 a = _mm512_setzero_ps();
+        for (int p = 0; p < P; ++p) a = _mm512_dpbf16_ps(a, qv[g][p], kv[p]);
+        scores[g * n + (t - t_begin)] = _mm512_reduce_add_ps(a) * scale;
+      }
+    });
+    for (int g = 0; g < G; ++g) {
+      float* sg = scores.data() + g * n;
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t t = 0; t < n; ++t) m = std::max(m, sg[t]);
+      r.max[g] = m;
+      r.sum[g] = exp_sub_sum(sg, n, m);
+    }
+    __m512 acc[G][V];
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < V; ++i) acc[g][i] = _mm512_setzero_ps();
+    for_each_row(v, sp.table, t_begin, sp.t_end, sp.block_size, slot_stride, h * D,
+                 [&](const uint16_t* vr, int64_t t, const uint16_t* next) {
+      if (!sp.lead) prefetch_row<D>(next);
+      __m512 vf[V];
+      for (int i = 0; i < V; ++i) vf[i] = kiln::bf16x16_to_f32(vr + i * 16);
+      for (int g = 0; g < G; ++g) {
+        const __m512 pv = _mm512_set1_ps(scores[g * n + (t - t_begin)]);
+        for (int i = 0; i < V; ++i) acc[g][i] = _mm512_fmadd_ps(pv, vf[i], acc[g][i]);
+      }
+    });
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < V; ++i) _mm512_store_ps(&r.acc[g][i * 16], acc[g][i]);
+  }
+};
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define KILN_DECODE_AMX 1
+// Brings another task's cache blocks (K and V, whole slots) into L2 a few lines at a time
+// while the current task computes, so the current task finds its own blocks there: the AMX
+// worker is too fast for a one-block lookahead to hide memory latency.
+class Streamer {
+ public:
+  // Queue `sp`'s blocks; each pump() then issues an even share of their lines over `calls`
+  // calls (0: all of them now).
+  void queue(const uint16_t* k, const uint16_t* v, const Span& sp, int64_t calls) {
+    ranges_.clear();
+    next_ = 0;
+    offset_ = 0;
+    int64_t lines = 0;
+    for (int64_t t = sp.t_begin; t < sp.t_end; t += sp.block_size - t % sp.block_size) {
+      const int64_t at = (sp.table[t / sp.block_size] * sp.block_size + t % sp.block_size) * sp.slot_stride;
+      const int64_t bytes = std::min(sp.block_size - t % sp.block_size, sp.t_end - t) * sp.slot_stride * 2;
+      ranges_.push_back({reinterpret_cast<const char*>(k + at), bytes});
+      ranges_.push_back({reinterpret_cast<const char*>(v + at), bytes});
+      lines += 2 * ((bytes + 63) / 64);
+    }
+    per_call_ = calls > 0 ? (lines + calls - 1) / calls : lines;
+    if (calls == 0) pump();
+  }
+  void pump() {
+    for (int64_t i = 0; i < per_call_ && next_ < ranges_.size(); ++i) {
+      _mm_prefetch(ranges_[next_].first + offset_, _MM_HINT_T1);
+      offset_ += 64;
+      if (offset_ >= ranges_[next_].second) {
+        ++next_;
+        offset_ = 0;
+      }
+    }
+  }
+
+ private:
+  std::vector<std::pair<const char*, int64_t>> ranges_;
+  size_t next_ = 0;
+  int64_t offset_ = 0, per_call_ = 0;
+};
+
+// AMX, head size 64, blocks of a multiple of 16 slots. 16 consecutive positions of a block are
+// 16 cache rows at a fixed stride, so they load as a tile straight from the cache: scores =
+// K (16 positions x 32 dims, twice) . Q^T (the G queries as the B operand, columns past G zero),
+// no packing of K and no horizontal sums (what bounds the AVX-512 worker: ~57 cycles a
+// position and head with the cache in L2). The softmax runs in AVX-512 on the score columns;
+// P.V is P (G rows x 32 positions, bf16) . V (32 positions interleaved in pairs: the B
+// operand), accumulated in four output tiles over the chunk.
+// Tiles: scores stage: Q^T in tmm2-3, two 16-position steps in flight (K halves in tmm0-1 and
+// tmm5-6, scores in tmm4 and tmm7); P.V stage: P in tmm0, V in tmm1-3, output in tmm4-7.
+template <int G>
+struct AmxWorker64 {
+  static constexpr int D = 64;
+  const int64_t cap;                     // positions a chunk can hold, a multiple of 32
+  alignas(64) uint32_t qt[2][16][16];    // Q^T: [dim half][dim pair][query] pairs
+  alignas(64) uint32_t vt[4][16][16];    // 32 positions of V: [16-dim tile][position pair][dim] pairs
+  alignas(64) float o[16][D];            // P.V, rows past G unused
+  std::vector<float> s;                  // scores tile rows: [cap][16 queries]
+  std::vector<float> sg;                 // scaled scores of query g: [G][cap]
+  std::vector<uint16_t> p;               // probabilities, bf16: [16 queries][cap], rows past G zero
+  __m512i pick[2];                       // permutex2var indices interleaving two V rows
+  Streamer stream;                       // the next task's blocks, towards L2
+  static constexpr bool kStreams = true;
+
+  explicit AmxWorker64(int64_t chunk)
+      : cap((chunk + 31) / 32 * 32), s(cap * 16), sg(G * cap), p(16 * cap, 0) {
+    kiln::TileConfig cfg(8);
+    _tile_loadconfig(&cfg);
+    std::memset(qt, 0, sizeof(qt));
+    for (int sub = 0; sub < 2; ++sub) {
+      alignas(64) uint16_t idx[32];
+      for (int i = 0; i < 16; ++i) {
+        idx[2 * i] = static_cast<uint16_t>(sub * 16 + i);
+        idx[2 * i + 1] = static_cast<uint16_t>(32 + sub * 16 + i);
+      }
+      pick[sub] = _mm512_load_si512(idx);
+    }
+  }
+  ~AmxWorker64() { _tile_release(); }
+
+  void operator()(const uint16_t* qh, const uint16_t* k, const uint16_t* v, int64_t h, const Span& sp,
+                  float scale, HeadOut<D, G>& r) {
+    const int64_t bs = sp.block_size, stride = sp.slot_stride, n = sp.t_end - sp.t_begin;
+    auto slot = [&](const uint16_t* cache, int64_t t) {  // position t's slot (t on a 16-boundary or any)
+      return cache + (sp.table[t / bs] * bs + t % bs) * stride;
+    };
+    // Q^T: query g's dim pair i is column g of row i (half i / 16).
+    const uint32_t* qd = reinterpret_cast<const uint32_t*>(qh);
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < D / 2; ++i) qt[i / 16][i % 16][g] = qd[g * (D / 2) + i];
+    _tile_loadd(2, qt[0], 64);
+    _tile_loadd(3, qt[1], 64);
+    // Scores, 16 positions a tile; rows past the context hold whatever the block holds and
+    // are never read. Two tiles in flight (K in tmm0-1 and tmm5-6, scores in tmm4 and tmm7):
+    // tiles are not renamed, so one set would wait for each product before the next load.
+    // The next block's rows of this head towards L1 (from L2 where the streamer brought them).
+    auto prefetch_ahead = [&](int64_t t0) {
+      if (t0 % bs != 0 || t0 + bs >= sp.t_end) return;
+      const uint16_t* nk = slot(k, t0 + bs) + h * D;
+      for (int64_t j = 0; j < bs; ++j) prefetch_row<D>(nk + j * stride);
+    };
+    for (int64_t t0 = sp.t_begin; t0 < sp.t_end; t0 += 32) {
+      stream.pump();
+      prefetch_ahead(t0);
+      const uint16_t* ka = slot(k, t0) + h * D;
+      _tile_loadd(0, ka, stride * 2);
+      _tile_loadd(1, ka + 32, stride * 2);
+      _tile_zero(4);
+      _tile_dpbf16ps(4, 0, 2);
+      _tile_dpbf16ps(4, 1, 3);
+      if (t0 + 16 < sp.t_end) {
+        prefetch_ahead(t0 + 16);
+        const uint16_t* kb = slot(k, t0 + 16) + h * D;
+        _tile_loadd(5, kb, stride * 2);
+        _tile_loadd(6, kb + 32, stride * 2);
+        _tile_zero(7);
+        _tile_dpbf16ps(7, 5, 2);
+        _tile_dpbf16ps(7, 6, 3);
+        _tile_stored(7, &s[(t0 + 16 - sp.t_begin) * 16], 64);
+      }
+      _tile_stored(4, &s[(t0 - sp.t_begin) * 16], 64);
+    }
+    // Softmax per query: its score column, scaled; positions past the context masked out.
+    const __m512i col = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32(16));
+    const __m512 sv = _mm512_set1_ps(scale), neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    const int64_t groups = (n + 31) / 32;  // 32-position groups (P.V's K dimension)
+    for (int g = 0; g < G; ++g) {
+      float* row = sg.data() + g * cap;
+      __m512 mv = neg_inf;
+      for (int64_t t = 0; t < groups * 32; t += 16) {
+        const __mmask16 valid = t >= n ? 0 : n - t >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n - t)) - 1u);
+        __m512 x = _mm512_mask_i32gather_ps(neg_inf, valid, _mm512_add_epi32(col, _mm512_set1_epi32(g)),
+                                            &s[t * 16], 4);
+        x = _mm512_mask_mul_ps(neg_inf, valid, x, sv);
+        _mm512_storeu_ps(row + t, x);
+        mv = _mm512_max_ps(mv, x);
+      }
+      const float m = _mm512_reduce_max_ps(mv);
+      const __m512 mm = _mm512_set1_ps(m);
+      __m512 sum = _mm512_setzero_ps();
+      uint16_t* pr = p.data() + g * cap;
+      for (int64_t t = 0; t < groups * 32; t += 32) {
+        const __m512 x0 = _mm512_loadu_ps(row + t), x1 = _mm512_loadu_ps(row + t + 16);
+        // exp of a masked (-inf) score is exactly 0: a garbage V row times 0 adds nothing.
+        const __m512 e0 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x0, neg_inf, _CMP_NEQ_OQ),
+                                              kiln::exp512_fast(_mm512_sub_ps(x0, mm)));
+        const __m512 e1 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x1, neg_inf, _CMP_NEQ_OQ),
+                                              kiln::exp512_fast(_mm512_sub_ps(x1, mm)));
+        sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+        _mm512_storeu_si512(pr + t, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+      }
+      r.max[g] = m;
+      r.sum[g] = _mm512_reduce_add_ps(sum);
+    }
+    // P.V: V rows t and t + 1 interleaved (a pair never straddles blocks: chunks start on a
+    // block, blocks hold an even number of slots); rows past the context are zero.
+    _tile_zero(4);
+    _tile_zero(5);
+    _tile_zero(6);
+    _tile_zero(7);
+    for (int64_t t0 = sp.t_begin; t0 < sp.t_end; t0 += 32) {
+      stream.pump();
+      if (t0 % bs == 0 && t0 + bs < sp.t_end) {
+        const uint16_t* nv = slot(v, t0 + bs) + h * D;
+        for (int64_t j = 0; j < bs; ++j) prefetch_row<D>(nv + j * stride);
+      }
+      const uint16_t* first = slot(v, t0) + h * D;
+      const int64_t in_first = bs - t0 % bs;  // positions of the group in t0's block
+      const uint16_t* second = in_first < 32 && t0 + in_first < sp.t_end ? slot(v, t0 + in_first) + h * D : nullptr;
+      for (int c = 0; c < 32; c += 2) {
+        const int64_t t = t0 + c;
+        const uint16_t* r0 = t >= sp.t_end ? nullptr : c < in_first ? first + c * stride : second + (c - in_first) * stride;
+        const uint16_t* r1 = t + 1 >= sp.t_end ? nullptr : r0 + stride;
+        for (int z = 0; z < 2; ++z) {
+          const __m512i a = r0 ? _mm512_loadu_si512(r0 + 32 * z) : _mm512_setzero_si512();
+          const __m512i b = r1 ? _mm512_loadu_si512(r1 + 32 * z) : _mm512_setzero_si512();
+          for (int sub = 0; sub < 2; ++sub)
+            _mm512_store_si512(vt[2 * z + sub][c / 2], _mm512_permutex2var_epi16(a, pick[sub], b));
+        }
+      }
+      // V tiles in tmm1-3 (Q^T is done with), so loads do not wait for the previous product.
+      _tile_loadd(0, p.data() + (t0 - sp.t_begin), cap * sizeof(uint16_t));
+      _tile_loadd(1, vt[0], 64);
+      _tile_loadd(2, vt[1], 64);
+      _tile_loadd(3, vt[2], 64);
+      _tile_dpbf16ps(4, 0, 1);
+      _tile_dpbf16ps(5, 0, 2);
+      _tile_dpbf16ps(6, 0, 3);
+      _tile_loadd(1, vt[3], 64);
+      _tile_dpbf16ps(7, 0, 1);
+    }
+    _tile_stored(4, &o[0][0], D * sizeof(float));
+    _tile_stored(5, &o[0][16], D * sizeof(float));
+    _tile_stored(6, &o[0][32], D * sizeof(float));
+    _tile_stored(7, &o[0][48], D * sizeof(float));
+    for (int g = 0; g < G; ++g) std::memcpy(r.acc[g], o[g], sizeof(r.acc[g]));
+  }
+};
+#endif
+
+// The driver: tasks over chunks (and KV heads), each thread with a worker of its own made by
+// make_worker(chunk); results normalised into `out`, or merged first where a sequence was split.
+template <int D, int G, typename MakeWorker>
 void decode_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, const int64_t* tables,
                  const int64_t* lens, c10::BFloat16* out, int64_t B, int64_t Hkv, int64_t max_blocks,
-                 int64_t block_size, float scale) {
-  constexpr int P = D / 32;  // zmm of bf16 pairs per row
+                 int64_t block_size, float scale, MakeWorker&& make_worker) {
   constexpr int V = D / 16;  // zmm of float32 per row
   const int64_t slot_stride = Hkv * D;
   const int64_t chunk = std::max<int64_t>(1, kChunkPositions / block_size) * block_size;
@@ -196,69 +484,42 @@ void decode_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, const 
   const bool any_split = chunks > B;
   std::vector<float> part_acc(any_split ? chunks * Hkv * G * D : 0);
   std::vector<float> part_max(any_split ? chunks * Hkv * G : 0), part_sum(part_max.size());
+  auto span_of = [&](int64_t task) {  // the cache a task reads (all KV heads: whole slots)
+    const int64_t c = task / tasks_per_chunk;
+    const int64_t b = std::upper_bound(first_chunk.begin(), first_chunk.end(), c) - first_chunk.begin() - 1;
+    const int64_t t_begin = (c - first_chunk[b]) * chunk;
+    return Span{tables + b * max_blocks, t_begin, std::min(lens[b], t_begin + chunk), block_size, slot_stride, true};
+  };
   at::parallel_for(0, chunks * tasks_per_chunk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
+    auto worker = make_worker(chunk);
+    HeadOut<D, G> r;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task / tasks_per_chunk, h0 = (task % tasks_per_chunk) * heads;
       const int64_t b = std::upper_bound(first_chunk.begin(), first_chunk.end(), c) - first_chunk.begin() - 1;
-      const int64_t L = lens[b];
       const bool split = first_chunk[b + 1] - first_chunk[b] > 1;
-      const int64_t t_begin = (c - first_chunk[b]) * chunk, t_end = std::min(L, t_begin + chunk);
-      const int64_t n = t_end - t_begin;
-      const int64_t* table = tables + b * max_blocks;
-      scores.resize(G * n);
-      for (int64_t h = h0; h < h0 + heads; ++h) {
-        __m512bh qv[G][P];
-        for (int g = 0; g < G; ++g)
-          for (int p = 0; p < P; ++p)
-            qv[g][p] = (__m512bh)_mm512_loadu_si512(q + ((b * Hkv + h) * G + g) * D + p * 32);
-        for_each_row(k, table, t_begin, t_end, block_size, slot_stride, h * D, [&](const uint16_t* kr, int64_t t, const uint16_t* next) {
-          if (h == h0 && heads > 1) {
-            // This position's V slot too: the V pass reads it right after this pass.
-            if (next != nullptr) prefetch_slot(next - h * D, slot_stride);
-            prefetch_slot(v + (kr - k) - h * D, slot_stride);
-          } else {
-            prefetch_row<D>(next);
-          }
-          __m512bh kv[P];
-          for (int p = 0; p < P; ++p) kv[p] = (__m512bh)_mm512_loadu_si512(kr + p * 32);
-          for (int g = 0; g < G; ++g) {
-            __m512 a = _mm512_setzero_ps();
-            for (int p = 0; p < P; ++p) a = _mm512_dpbf16_ps(a, qv[g][p], kv[p]);
-            scores[g * n + (t - t_begin)] = _mm512_reduce_add_ps(a) * scale;
-          }
-        });
-        float row_max[G], row_sum[G];
-        for (int g = 0; g < G; ++g) {
-          float* sg = scores.data() + g * n;
-          float m = -std::numeric_limits<float>::infinity();
-          for (int64_t t = 0; t < n; ++t) m = std::max(m, sg[t]);
-          row_max[g] = m;
-          row_sum[g] = exp_sub_sum(sg, n, m);
+      const int64_t t_begin = (c - first_chunk[b]) * chunk;
+      const int64_t t_end = std::min(lens[b], t_begin + chunk);
+      if constexpr (std::remove_reference_t<decltype(*worker)>::kStreams) {
+        // Whole-slot tasks: the first one's blocks now, each next one's during this one.
+        if (heads > 1) {
+          if (task == begin) worker->stream.queue(k, v, span_of(task), 0);
+          worker->stream.queue(k, v, task + 1 < end ? span_of(task + 1) : Span{}, heads * 2 * ((t_end - t_begin + 31) / 32));
         }
-        __m512 acc[G][V];
-        for (int g = 0; g < G; ++g)
-          for (int i = 0; i < V; ++i) acc[g][i] = _mm512_setzero_ps();
-        for_each_row(v, table, t_begin, t_end, block_size, slot_stride, h * D, [&](const uint16_t* vr, int64_t t, const uint16_t* next) {
-          if (h != h0 || heads == 1) prefetch_row<D>(next);
-          __m512 vf[V];
-          for (int i = 0; i < V; ++i) vf[i] = kiln::bf16x16_to_f32(vr + i * 16);
-          for (int g = 0; g < G; ++g) {
-            const __m512 pv = _mm512_set1_ps(scores[g * n + (t - t_begin)]);
-            for (int i = 0; i < V; ++i) acc[g][i] = _mm512_fmadd_ps(pv, vf[i], acc[g][i]);
-          }
-        });
+      }
+      for (int64_t h = h0; h < h0 + heads; ++h) {
+        const Span sp{tables + b * max_blocks, t_begin, t_end, block_size, slot_stride, h == h0 && heads > 1};
+        (*worker)(q + (b * Hkv + h) * G * D, k, v, h, sp, scale, r);
         for (int g = 0; g < G; ++g) {
           if (split) {
             const int64_t at = (c * Hkv + h) * G + g;
-            part_max[at] = row_max[g];
-            part_sum[at] = row_sum[g];
-            for (int i = 0; i < V; ++i) _mm512_storeu_ps(part_acc.data() + at * D + i * 16, acc[g][i]);
+            part_max[at] = r.max[g];
+            part_sum[at] = r.sum[g];
+            std::memcpy(part_acc.data() + at * D, r.acc[g], D * sizeof(float));
             continue;
           }
-          const __m512 iv = _mm512_set1_ps(1.f / row_sum[g]);
+          const __m512 iv = _mm512_set1_ps(1.f / r.sum[g]);
           uint16_t* ob = reinterpret_cast<uint16_t*>(out + ((b * Hkv + h) * G + g) * D);
-          for (int i = 0; i < V; ++i) kiln::f32x16_to_bf16(_mm512_mul_ps(acc[g][i], iv), ob + i * 16);
+          for (int i = 0; i < V; ++i) kiln::f32x16_to_bf16(_mm512_mul_ps(_mm512_load_ps(&r.acc[g][i * 16]), iv), ob + i * 16);
         }
       }
     }
@@ -294,9 +555,35 @@ void decode_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, const 
 using FastKernel = void (*)(const uint16_t*, const uint16_t*, const uint16_t*, const int64_t*, const int64_t*,
                             c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, float);
 
-FastKernel fast_kernel(int64_t D, int64_t G) {
+template <int D, int G>
+void decode_avx(const uint16_t* q, const uint16_t* k, const uint16_t* v, const int64_t* tables, const int64_t* lens,
+                c10::BFloat16* out, int64_t B, int64_t Hkv, int64_t max_blocks, int64_t block_size, float scale) {
+  decode_bf16<D, G>(q, k, v, tables, lens, out, B, Hkv, max_blocks, block_size, scale,
+                    [](int64_t) { return std::make_unique<AvxWorker<D, G>>(); });
+}
+
+#ifdef KILN_DECODE_AMX
+template <int G>
+void decode_amx(const uint16_t* q, const uint16_t* k, const uint16_t* v, const int64_t* tables, const int64_t* lens,
+                c10::BFloat16* out, int64_t B, int64_t Hkv, int64_t max_blocks, int64_t block_size, float scale) {
+  decode_bf16<64, G>(q, k, v, tables, lens, out, B, Hkv, max_blocks, block_size, scale,
+                     [](int64_t chunk) { return std::make_unique<AmxWorker64<G>>(chunk); });
+}
+#endif
+
+// The AMX worker where it applies (the tiles granted, head size 64, blocks of 16k slots), else
+// the AVX-512 one for the specialised shapes; nullptr: the generic loop.
+FastKernel fast_kernel(int64_t D, int64_t G, int64_t block_size) {
+#ifdef KILN_DECODE_AMX
+  if (D == 64 && block_size % 16 == 0 && kiln::amx_ready()) {
 #define KILN_CASE(d, g) \
-  if (D == d && G == g) return &decode_bf16<d, g>;
+    if (d == 64 && G == g) return &decode_amx<g>;
+    KILN_ATTENTION_SHAPES(KILN_CASE)
+#undef KILN_CASE
+  }
+#endif
+#define KILN_CASE(d, g) \
+  if (D == d && G == g) return &decode_avx<d, g>;
   KILN_ATTENTION_SHAPES(KILN_CASE)
 #undef KILN_CASE
   return nullptr;
@@ -324,7 +611,7 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
   const int64_t max_blocks = block_tables.size(1);
   if (q.scalar_type() == at::kBFloat16) {
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-    if (FastKernel fast = fast_kernel(D, G)) {
+    if (FastKernel fast = fast_kernel(D, G, block_size)) {
       fast(reinterpret_cast<const uint16_t*>(q.const_data_ptr<c10::BFloat16>()),
            reinterpret_cast<const uint16_t*>(k_cache.const_data_ptr<c10::BFloat16>()),
            reinterpret_cast<const uint16_t*>(v_cache.const_data_ptr<c10::BFloat16>()),
