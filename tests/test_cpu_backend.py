@@ -265,17 +265,12 @@ def test_paged_prefill_kernel_matches_float64_reference(kernel_built, Hkv, G, D,
         return
     cpu_ops.paged_prefill(out, q, k, v, tables, starts, qlens, ctx, block_size, scale)
     assert (out[:5] == 7.0).all()  # decode rows: not the kernel's
-    bs_saved = globals()["BS"]
-    try:
-        globals()["BS"] = block_size  # reference() reads the module's block size
-        for i in range(len(PREFILLS)):
-            s, n, c = int(starts[i]), int(qlens[i]), int(ctx[i])
-            ref = reference(q[s:s + n], k, v, tables[i], c, scale)
-            err = (out[s:s + n].view(n, Hkv * G, D).double() - ref).abs().max().item()
-            # bfloat16 output rounding plus bf16 probabilities (as SDPA's bf16 kernel has them)
-            assert err < 2e-2, (n, c, err)
-    finally:
-        globals()["BS"] = bs_saved
+    for i in range(len(PREFILLS)):
+        s, n, c = int(starts[i]), int(qlens[i]), int(ctx[i])
+        ref = reference(q[s:s + n], k, v, tables[i], c, scale, block_size)
+        err = (out[s:s + n].view(n, Hkv * G, D).double() - ref).abs().max().item()
+        # bfloat16 output rounding plus bf16 probabilities (as SDPA's bf16 kernel has them)
+        assert err < 2e-2, (n, c, err)
 
 
 def test_paged_prefill_kernel_refuses_bad_inputs(kernel_built):
