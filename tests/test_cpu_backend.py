@@ -532,3 +532,49 @@ def test_argmax_rows_refuses_bad_inputs(kernel_built):
         cpu_ops.argmax_rows(torch.zeros(4, 8).t())
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         cpu_ops.argmax_rows(torch.zeros(2, 8, dtype=torch.float64))
+
+
+# -- work claimed at run time (cpu/parallel.h) --------------------------------------------------
+def test_kernels_give_the_same_bits_on_one_thread_and_on_two_with_one_preempted(kernel_built):
+    """The decode kernels hand their work out at run time: each thread takes its own share in
+    order and a thread that finishes early goes on with another's unclaimed pieces. A busy
+    process pinned to the first core keeps preempting one thread, so the other takes over
+    pieces of its share; every output must still be the bits one thread computes alone (each
+    piece done exactly once, where it belongs)."""
+    import subprocess
+    import sys
+
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(3072, 576, generator=g).bfloat16()
+    packed = cpu_ops.pack_gemv_bf16(w) if cpu_ops.gemv_bf16_supported() else None
+    xs = [torch.randn(m, 576, generator=g).bfloat16() for m in (1, 33, 64)]
+    q, k, v, tables, lens = _decode_case(64, 3, 3, 64, torch.bfloat16, seed=5, max_len=600)
+    residual = torch.randn(64, 576, generator=g).bfloat16()
+    delta = torch.randn(64, 576, generator=g).bfloat16()
+    weight = torch.randn(576, generator=g).bfloat16()
+    gate_up = torch.randn(64, 2 * 1536, generator=g).bfloat16()
+
+    def run() -> list[torch.Tensor]:
+        out = [cpu_ops.paged_decode(q.view(64, 3, 3, 64), k, v, tables, lens, BS, 0.125),
+               cpu_ops.silu_and_mul(gate_up)]
+        r = residual.clone()
+        out += [cpu_ops.add_rms_norm(r, delta, weight, 1e-5), r]
+        if packed is not None:
+            out += [cpu_ops.gemv_bf16(x, packed) for x in xs]
+        return out
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = run()
+        torch.set_num_threads(2)
+        hog = subprocess.Popen([sys.executable, "-c", "import os; os.sched_setaffinity(0, {0})\nwhile True: pass"])
+        try:
+            for _ in range(20):
+                for a, b in zip(alone, run()):
+                    assert torch.equal(a, b)
+        finally:
+            hog.kill()
+            hog.wait()
+    finally:
+        torch.set_num_threads(threads)

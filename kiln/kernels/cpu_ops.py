@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 _DIR = Path(__file__).with_name("cpu")
 SOURCES = (_DIR / "paged_decode.cpp", _DIR / "fused.cpp", _DIR / "lora.cpp", _DIR / "decode_step.cpp",
            _DIR / "gemv.cpp", _DIR / "argmax.cpp", _DIR / "paged_prefill.cpp")
-_HEADERS = (_DIR / "vec.h", _DIR / "amx.h")
+_HEADERS = (_DIR / "vec.h", _DIR / "amx.h", _DIR / "parallel.h")
 _lock = threading.Lock()
 _loaded: dict[Path, bool] = {}
 

@@ -1,7 +1,8 @@
 // Fused elementwise ops of a Llama layer, for the CPU: RMSNorm, rotary embedding of q and k,
 // and SwiGLU's silu(gate) * up. Each replaces several torch ops (and their temporaries) with
 // one pass in float32, which matters most at small batches where a decode step is dominated
-// by per-op overhead. Registered as torch.ops.kiln_cpu.*; built with paged_decode.cpp.
+// by per-op overhead. Rows are shared out with kiln::parallel_for_claims (parallel.h).
+// Registered as torch.ops.kiln_cpu.*; built with paged_decode.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -13,6 +14,7 @@
 #include <tuple>
 #include <vector>
 
+#include "parallel.h"
 #include "vec.h"
 
 // float32, bfloat16 and float16 (kiln's model dtypes); double is refused with torch's error.
@@ -32,7 +34,7 @@ using kiln::store16;
 // out = x * rsqrt(mean(x^2) + eps) * weight, row by row; x [N, H] with unit inner stride.
 template <typename T>
 void rms_norm_rows(const T* x, int64_t x_stride, const T* w, T* out, int64_t N, int64_t H, float eps) {
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+  kiln::parallel_for_claims(0, N, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> wf(H), row(H);
     for (int64_t i = 0; i < H; ++i) wf[i] = load_f(w + i);
     for (int64_t n = begin; n < end; ++n) {
@@ -71,7 +73,7 @@ void rms_norm_rows(const T* x, int64_t x_stride, const T* w, T* out, int64_t N, 
 template <typename T>
 void add_rms_norm_rows(T* res, int64_t res_stride, const T* delta, int64_t delta_stride, const T* w, T* out,
                        int64_t N, int64_t H, float eps) {
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+  kiln::parallel_for_claims(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       T* r = res + n * res_stride;
       const T* d = delta + n * delta_stride;
@@ -164,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor> rope(const at::Tensor& q, const at::Tensor& k
     scalar_t* kop = ko.mutable_data_ptr<scalar_t>();
     const float* c = cos.const_data_ptr<float>();
     const float* s = sin.const_data_ptr<float>();
-    at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+    kiln::parallel_for_claims(0, T, 16, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const float* ct = c + pos[t] * half;
         const float* st = s + pos[t] * half;
@@ -189,7 +191,7 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up) {
     // few to split over threads (the grain keeps such a call on the calling thread).
     constexpr int64_t kChunk = 256;
     const int64_t chunks = (I + kChunk - 1) / kChunk;
-    at::parallel_for(0, T * chunks, 32, [&](int64_t begin, int64_t end) {
+    kiln::parallel_for_claims(0, T * chunks, 32, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t t = task / chunks, c0 = (task % chunks) * kChunk, c1 = std::min(I, c0 + kChunk);
         const scalar_t* g = x + t * stride;

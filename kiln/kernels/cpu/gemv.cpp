@@ -12,10 +12,12 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
 #include "amx.h"
+#include "parallel.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -27,6 +29,9 @@
 namespace {
 
 constexpr int64_t kBlock = 16;  // output rows a block (one float32 vector)
+// Blocks a thread claims at a time (kiln::parallel_claims): small enough that a thread left
+// running takes over most of a preempted one's share, large enough that claiming costs nothing.
+constexpr int64_t kTaskBlocks = 4;
 
 bool gemv_bf16_supported() { return KILN_GEMV; }
 
@@ -56,44 +61,47 @@ using kiln::amx_ready;
 template <int MT>
 void gemm_amx(const uint16_t* x, const uint16_t* w, int64_t M, int64_t K, int64_t blocks, uint16_t* y) {
   const int64_t N = blocks * kBlock;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  kiln::parallel_claims((blocks + kTaskBlocks - 1) / kTaskBlocks, [&](auto claim) {
     kiln::TileConfig cfg(6);
     _tile_loadconfig(&cfg);
     alignas(64) float out[16][16];
-    for (int64_t b = b0; b < b1; ++b) {
-      const uint16_t* wb = w + b * K * kBlock;
-      _tile_zero(0);
-      if (MT > 1) _tile_zero(1);
-      if (MT > 2) _tile_zero(2);
-      if (MT > 3) _tile_zero(3);
-      for (int64_t k0 = 0; k0 < K; k0 += 32) {
-        // The weight is one sequential stream (blocks follow each other): ask for it ahead.
-        const char* ahead = reinterpret_cast<const char*>(wb + k0 * kBlock) + kPrefetchBytes;
-        for (int line = 0; line < 1024; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T1);
-        _tile_loadd(5, wb + k0 * kBlock, 64);
-        _tile_loadd(4, x + k0, K * 2);
-        _tile_dpbf16ps(0, 4, 5);
-        if (MT > 1) {
-          _tile_loadd(4, x + 16 * K + k0, K * 2);
-          _tile_dpbf16ps(1, 4, 5);
+    for (int64_t task; (task = claim()) >= 0;) {
+      const int64_t b_end = std::min(blocks, (task + 1) * kTaskBlocks);
+      for (int64_t b = task * kTaskBlocks; b < b_end; ++b) {
+        const uint16_t* wb = w + b * K * kBlock;
+        _tile_zero(0);
+        if (MT > 1) _tile_zero(1);
+        if (MT > 2) _tile_zero(2);
+        if (MT > 3) _tile_zero(3);
+        for (int64_t k0 = 0; k0 < K; k0 += 32) {
+          // The weight is one sequential stream (blocks follow each other): ask for it ahead.
+          const char* ahead = reinterpret_cast<const char*>(wb + k0 * kBlock) + kPrefetchBytes;
+          for (int line = 0; line < 1024; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T1);
+          _tile_loadd(5, wb + k0 * kBlock, 64);
+          _tile_loadd(4, x + k0, K * 2);
+          _tile_dpbf16ps(0, 4, 5);
+          if (MT > 1) {
+            _tile_loadd(4, x + 16 * K + k0, K * 2);
+            _tile_dpbf16ps(1, 4, 5);
+          }
+          if (MT > 2) {
+            _tile_loadd(4, x + 32 * K + k0, K * 2);
+            _tile_dpbf16ps(2, 4, 5);
+          }
+          if (MT > 3) {
+            _tile_loadd(4, x + 48 * K + k0, K * 2);
+            _tile_dpbf16ps(3, 4, 5);
+          }
         }
-        if (MT > 2) {
-          _tile_loadd(4, x + 32 * K + k0, K * 2);
-          _tile_dpbf16ps(2, 4, 5);
+        for (int mt = 0; mt < MT; ++mt) {
+          if (mt == 0) _tile_stored(0, out, 64);
+          if (mt == 1) _tile_stored(1, out, 64);
+          if (mt == 2) _tile_stored(2, out, 64);
+          if (mt == 3) _tile_stored(3, out, 64);
+          for (int r = 0; r < 16 && mt * 16 + r < M; ++r)
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + (mt * 16 + r) * N + b * kBlock),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(out[r])));
         }
-        if (MT > 3) {
-          _tile_loadd(4, x + 48 * K + k0, K * 2);
-          _tile_dpbf16ps(3, 4, 5);
-        }
-      }
-      for (int mt = 0; mt < MT; ++mt) {
-        if (mt == 0) _tile_stored(0, out, 64);
-        if (mt == 1) _tile_stored(1, out, 64);
-        if (mt == 2) _tile_stored(2, out, 64);
-        if (mt == 3) _tile_stored(3, out, 64);
-        for (int r = 0; r < 16 && mt * 16 + r < M; ++r)
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + (mt * 16 + r) * N + b * kBlock),
-                              (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(out[r])));
       }
     }
     _tile_release();
@@ -162,9 +170,10 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& packed) {
     return y;
   }
 #endif
-  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      for (int64_t m = 0; m < M; ++m) gemv_block(wp + b * K * kBlock, xp + m * x_stride, K, yp + m * N + b * kBlock);
+  kiln::parallel_claims((blocks + kTaskBlocks - 1) / kTaskBlocks, [&](auto claim) {
+    for (int64_t task; (task = claim()) >= 0;)
+      for (int64_t b = task * kTaskBlocks; b < std::min(blocks, (task + 1) * kTaskBlocks); ++b)
+        for (int64_t m = 0; m < M; ++m) gemv_block(wp + b * K * kBlock, xp + m * x_stride, K, yp + m * N + b * kBlock);
   });
 #endif
   return y;

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "amx.h"
+#include "parallel.h"
 #include "vec.h"
 
 namespace {
@@ -490,10 +491,12 @@ void decode_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, const 
     const int64_t t_begin = (c - first_chunk[b]) * chunk;
     return Span{tables + b * max_blocks, t_begin, std::min(lens[b], t_begin + chunk), block_size, slot_stride, true};
   };
-  at::parallel_for(0, chunks * tasks_per_chunk, 1, [&](int64_t begin, int64_t end) {
+  kiln::parallel_claims(chunks * tasks_per_chunk, [&](auto claim) {
     auto worker = make_worker(chunk);
     HeadOut<D, G> r;
-    for (int64_t task = begin; task < end; ++task) {
+    // Each task is claimed one ahead, so its blocks can stream in during the one before.
+    for (int64_t task = claim(), next, first = task; task >= 0; task = next) {
+      next = claim();
       const int64_t c = task / tasks_per_chunk, h0 = (task % tasks_per_chunk) * heads;
       const int64_t b = std::upper_bound(first_chunk.begin(), first_chunk.end(), c) - first_chunk.begin() - 1;
       const bool split = first_chunk[b + 1] - first_chunk[b] > 1;
@@ -502,8 +505,8 @@ void decode_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, const 
       if constexpr (std::remove_reference_t<decltype(*worker)>::kStreams) {
         // Whole-slot tasks: the first one's blocks now, each next one's during this one.
         if (heads > 1) {
-          if (task == begin) worker->stream.queue(k, v, span_of(task), 0);
-          worker->stream.queue(k, v, task + 1 < end ? span_of(task + 1) : Span{}, heads * 2 * ((t_end - t_begin + 31) / 32));
+          if (task == first) worker->stream.queue(k, v, span_of(task), 0);
+          worker->stream.queue(k, v, next >= 0 ? span_of(next) : Span{}, heads * 2 * ((t_end - t_begin + 31) / 32));
         }
       }
       for (int64_t h = h0; h < h0 + heads; ++h) {
