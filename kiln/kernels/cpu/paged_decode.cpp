@@ -323,7 +323,7 @@ struct AmxWorker64 {
   std::vector<float> s;                  // scores tile rows: [cap][16 queries]
   std::vector<float> sg;                 // scaled scores of query g: [G][cap]
   std::vector<uint16_t> p;               // probabilities, bf16: [16 queries][cap], rows past G zero
-  __m512i pick[2];                       // permutex2var indices interleaving two V rows
+  kiln::PairInterleave interleave;       // two V rows into the P.V operand
   Streamer stream;                       // the next task's blocks, towards L2
   static constexpr bool kStreams = true;
   // stream.pump() calls per head and 32 positions: every 16 positions of the scores, every 4 of
@@ -336,14 +336,6 @@ struct AmxWorker64 {
     kiln::TileConfig cfg(8);
     _tile_loadconfig(&cfg);
     std::memset(qt, 0, sizeof(qt));
-    for (int sub = 0; sub < 2; ++sub) {
-      alignas(64) uint16_t idx[32];
-      for (int i = 0; i < 16; ++i) {
-        idx[2 * i] = static_cast<uint16_t>(sub * 16 + i);
-        idx[2 * i + 1] = static_cast<uint16_t>(32 + sub * 16 + i);
-      }
-      pick[sub] = _mm512_load_si512(idx);
-    }
   }
   ~AmxWorker64() { _tile_release(); }
 
@@ -442,12 +434,7 @@ struct AmxWorker64 {
         const int64_t t = t0 + c;
         const uint16_t* r0 = t >= sp.t_end ? nullptr : c < in_first ? first + c * stride : second + (c - in_first) * stride;
         const uint16_t* r1 = t + 1 >= sp.t_end ? nullptr : r0 + stride;
-        for (int z = 0; z < 2; ++z) {
-          const __m512i a = r0 ? _mm512_loadu_si512(r0 + 32 * z) : _mm512_setzero_si512();
-          const __m512i b = r1 ? _mm512_loadu_si512(r1 + 32 * z) : _mm512_setzero_si512();
-          for (int sub = 0; sub < 2; ++sub)
-            _mm512_store_si512(vt[2 * z + sub][c / 2], _mm512_permutex2var_epi16(a, pick[sub], b));
-        }
+        interleave.rows<D>(r0, r1, vt, c / 2);
       }
       // V tiles in tmm1-3 (Q^T is done with), so loads do not wait for the previous product.
       _tile_loadd(0, p.data() + (t0 - sp.t_begin), cap * sizeof(uint16_t));

@@ -109,25 +109,9 @@ void pack_keys(const uint16_t* k, const uint16_t* v, const int64_t* table, int64
     }
   }
   // V: rows c and c + 1 interleaved element by element, 16 columns per output row.
-  __m512i pick[2];
-  for (int sub = 0; sub < 2; ++sub) {
-    alignas(64) uint16_t idx[32];
-    for (int i = 0; i < 16; ++i) {
-      idx[2 * i] = static_cast<uint16_t>(sub * 16 + i);
-      idx[2 * i + 1] = static_cast<uint16_t>(32 + sub * 16 + i);
-    }
-    pick[sub] = _mm512_load_si512(idx);
-  }
-  for (int c = 0; c < KT; c += 2) {
-    const uint16_t* r0 = c < nk ? row(v, c) : nullptr;
-    const uint16_t* r1 = c + 1 < nk ? row(v, c + 1) : nullptr;
-    for (int z = 0; z < D / 32; ++z) {
-      const __m512i a = r0 ? _mm512_loadu_si512(r0 + 32 * z) : _mm512_setzero_si512();
-      const __m512i b = r1 ? _mm512_loadu_si512(r1 + 32 * z) : _mm512_setzero_si512();
-      for (int sub = 0; sub < 2; ++sub)
-        _mm512_store_si512(out.v[2 * z + sub][c / 2], _mm512_permutex2var_epi16(a, pick[sub], b));
-    }
-  }
+  static const kiln::PairInterleave interleave;
+  for (int c = 0; c < KT; c += 2)
+    interleave.rows<D>(c < nk ? row(v, c) : nullptr, c + 1 < nk ? row(v, c + 1) : nullptr, out.v, c / 2);
 }
 
 template <int D, int G>
