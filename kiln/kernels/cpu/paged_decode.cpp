@@ -330,6 +330,11 @@ struct AmxWorker64 {
   // P.V. A few lines at a time: long bursts of prefetches stall on the line fill buffers
   // (a call per 32 positions was ~7 % slower at 64 x 155 positions).
   static constexpr int64_t kPumpsPerGroup = 10;
+  // Chunks this short go to the AVX-512 worker: the tile path's per-head setup costs more
+  // than it saves there (bench/decode_attention.py, 64 contexts, us a layer: 16 positions 40
+  // vs 49 on tiles, 17: 51 vs 60; 24: 73 vs 63 and 32: 74 vs 67 in favour of the tiles).
+  static constexpr int64_t kShortChunk = 20;
+  AvxWorker<D, G> short_chunks;
 
   explicit AmxWorker64(int64_t chunk)
       : cap((chunk + 31) / 32 * 32), s(cap * 16), sg(G * cap), p(16 * cap, 0) {
@@ -342,6 +347,10 @@ struct AmxWorker64 {
   void operator()(const uint16_t* qh, const uint16_t* k, const uint16_t* v, int64_t h, const Span& sp,
                   float scale, HeadOut<D, G>& r) {
     const int64_t bs = sp.block_size, stride = sp.slot_stride, n = sp.t_end - sp.t_begin;
+    if (n <= kShortChunk) {  // the tile path's per-head setup outweighs this little work
+      short_chunks(qh, k, v, h, sp, scale, r);
+      return;
+    }
     auto slot = [&](const uint16_t* cache, int64_t t) {  // position t's slot (t on a 16-boundary or any)
       return cache + (sp.table[t / bs] * bs + t % bs) * stride;
     };
