@@ -170,15 +170,14 @@ inline void prefetch_row(const uint16_t* next) {
   for (int line = 0; line < D * 2; line += 64) _mm_prefetch(row + line, _MM_HINT_T0);
 }
 
-// Cache slots (all KV heads of positions: `values` bf16) towards the cache level `hint`. When a
-// task holds all KV heads of a sequence, its first head's K pass fetches the next block's K slots
-// whole and the V slots, so the V pass and the other heads find their rows in cache instead of
-// each streaming strided rows from memory (in a full model the 30 layers' caches do not stay in
-// cache between steps: 32 sequences x 150 positions, 388 -> 239 us a layer).
-template <int hint = _MM_HINT_T0>
+// Cache slots (all KV heads of positions: `values` bf16) towards L1. In the AVX-512 worker, when
+// a task holds all KV heads of a sequence, its first head's K pass fetches the next block's K
+// slots whole and the V slots, so the V pass and the other heads find their rows in cache
+// instead of each streaming strided rows from memory (in a full model the 30 layers' caches do
+// not stay in cache between steps: 32 sequences x 150 positions, 388 -> 239 us a layer).
 inline void prefetch_slot(const uint16_t* slot, int64_t values) {
   const char* p = reinterpret_cast<const char*>(slot);
-  for (int64_t line = 0; line < values * 2; line += 64) _mm_prefetch(p + line, static_cast<_mm_hint>(hint));
+  for (int64_t line = 0; line < values * 2; line += 64) _mm_prefetch(p + line, _MM_HINT_T0);
 }
 
 // A long context is split into chunks of this many positions (rounded to whole blocks) whose
