@@ -505,6 +505,38 @@ def test_gemv_bf16_refuses_bad_shapes(kernel_built):
         cpu_ops.gemv_bf16(torch.zeros(1, 8), packed)
 
 
+@pytest.mark.parametrize("M,I,K", [(1, 1536, 576), (2, 1536, 576), (16, 32, 64), (17, 48, 96), (33, 1536, 576),
+                                   (48, 16, 32), (49, 64, 64), (64, 1536, 576), (3, 48, 6), (65, 32, 64)])
+def test_gemv_silu_bf16_gives_the_bits_of_the_two_steps(kernel_built, M, I, K):
+    """The gate/up linear with SwiGLU applied to its tiles (what the decode MLP runs) must give
+    exactly silu_and_mul(gemv_bf16(x, W)): the same bfloat16 rounding of both halves, the same
+    formula. Rows in every tile arrangement (1-4 sixteen-row tiles, partial ones), an odd
+    number of 16-column blocks per half (I = 48), the per-row path (K = 6, 65 rows), a strided
+    x; and the result against float64."""
+    g = torch.Generator().manual_seed(M * I + K)
+    w = (torch.randn(2 * I, K, generator=g) * 0.2).bfloat16()
+    x = torch.randn(M, K + 8, generator=g).bfloat16()[:, 4:K + 4]
+    packed = cpu_ops.pack_gemv_bf16(w)
+    if not cpu_ops.gemv_bf16_supported():
+        with pytest.raises(RuntimeError, match="no AVX512-BF16"):
+            cpu_ops.gemv_silu_bf16(x, packed)
+        return
+    got = cpu_ops.gemv_silu_bf16(x, packed)
+    assert got.dtype == torch.bfloat16 and got.shape == (M, I)
+    assert torch.equal(got.view(torch.int16), cpu_ops.silu_and_mul(cpu_ops.gemv_bf16(x, packed)).view(torch.int16))
+    gate, up = (x.double() @ w.double().t()).split(I, dim=1)
+    ref = torch.nn.functional.silu(gate) * up
+    assert float((got.double() - ref).abs().max()) <= 0.02 * float(ref.abs().max())
+
+
+def test_gemv_silu_bf16_refuses_a_weight_it_cannot_halve(kernel_built):
+    packed = cpu_ops.pack_gemv_bf16(torch.zeros(48, 64, dtype=torch.bfloat16))  # three 16-row blocks
+    with pytest.raises(RuntimeError, match="two halves"):
+        cpu_ops.gemv_silu_bf16(torch.zeros(2, 64, dtype=torch.bfloat16), packed)
+    with pytest.raises(RuntimeError, match="K = x's columns"):
+        cpu_ops.gemv_silu_bf16(torch.zeros(2, 32, dtype=torch.bfloat16), packed)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N,V", [(1, 49152), (64, 49152), (5, 1000), (3, 7)])
 def test_argmax_rows_matches_torch(kernel_built, dtype, N, V):
@@ -560,7 +592,7 @@ def test_kernels_give_the_same_bits_on_one_thread_and_on_two_with_one_preempted(
         r = residual.clone()
         out += [cpu_ops.add_rms_norm(r, delta, weight, 1e-5), r]
         if packed is not None:
-            out += [cpu_ops.gemv_bf16(x, packed) for x in xs]
+            out += [cpu_ops.gemv_bf16(x, packed) for x in xs] + [cpu_ops.gemv_silu_bf16(x, packed) for x in xs]
         return out
 
     threads = torch.get_num_threads()

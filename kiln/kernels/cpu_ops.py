@@ -160,3 +160,9 @@ def gemv_bf16(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """x [M, K] bfloat16 @ W^T -> [M, N]: one row by AVX512-BF16 dots; 2-64 rows (K a multiple
     of 32) by AMX tiles where the CPU has them; else each row streams the weight again."""
     return torch.ops.kiln_cpu.gemv_bf16(x, packed)
+
+
+def gemv_silu_bf16(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """silu_and_mul(gemv_bf16(x, packed)) in one pass, bit for bit: `packed` holds a fused
+    gate/up weight [2I, K] (2I a multiple of 32); the [M, 2I] product is never written."""
+    return torch.ops.kiln_cpu.gemv_silu_bf16(x, packed)

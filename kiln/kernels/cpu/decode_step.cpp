@@ -109,6 +109,21 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up) {
   return op.call(gate_up);
 }
 
+at::Tensor gemv_silu_bf16(const at::Tensor& x, const at::Tensor& packed) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("kiln_cpu::gemv_silu_bf16", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  return op.call(x, packed);
+}
+
+// silu(gate) * up of the fused gate/up linear `l`: in one pass where it runs gemv_bf16 (as
+// FusedMLP.forward does), else the linear then silu_and_mul.
+at::Tensor swiglu(const LinearRef& l, const at::Tensor& x) {
+  if (l.kind == kMkldnn && l.aux->numel() > 0 && l.aux->size(0) % 2 == 0 && x.size(0) <= l.group && x.stride(1) == 1)
+    return gemv_silu_bf16(x, *l.aux);
+  return silu_and_mul(run_linear(l, x));
+}
+
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                         const at::Tensor& tables, const at::Tensor& lens, int64_t block_size, double scale) {
   static auto op = c10::Dispatcher::singleton()
@@ -178,7 +193,7 @@ at::Tensor decode_layers(const at::Tensor& h, const at::Tensor& positions, const
                                          block_size, scale);
     x = add_rms_norm(residual, run_linear(ref(l, 1), attn.view({T, q_size})), norms[2 * l + 1], eps);
     // MLP: fused gate/up, SwiGLU, down; its sum feeds the next layer's input norm.
-    const at::Tensor mlp = run_linear(ref(l, 3), silu_and_mul(run_linear(ref(l, 2), x)));
+    const at::Tensor mlp = run_linear(ref(l, 3), swiglu(ref(l, 2), x));
     if (l + 1 < L) {
       x = add_rms_norm(residual, mlp, norms[2 * (l + 1)], eps);
     } else {

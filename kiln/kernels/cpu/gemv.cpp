@@ -18,6 +18,7 @@
 
 #include "amx.h"
 #include "parallel.h"
+#include "vec.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -102,15 +103,15 @@ void block_amx(const uint16_t* x, const uint16_t* wb, int64_t M, int64_t K, int6
   }
 }
 
-// Two weight blocks (b, b + 1) against one or two 16-row tiles of x (rows r0 ..): y tiles in
+// Two weight blocks (w0, w1) against one or two 16-row tiles of x (rows r0 ..): y tiles in
 // tmm0-3 (x tile i, block j: 2i + j), x in tmm4-5, w in tmm6-7. Past 16 rows x outgrows L1
 // and block_amx re-reads all of it from L2 for every weight tile, which bounds it (~1.1
 // TFLOP/s at 64 rows); here each x tile serves two weight tiles and each weight tile two x
-// tiles. A second pass over the same two blocks (rows 32 ..) finds them in L2.
+// tiles. A second pass over the same two blocks (rows 32 ..) finds them in L2. `next0` and
+// `next1` (or nullptr): the blocks after these, asked for into L2 a kilobyte a step.
 template <bool two>
-void pair_amx(const uint16_t* x, const uint16_t* wb, int64_t M, int64_t K, int64_t N, int64_t b, int64_t r0,
-              bool prefetch_next, uint16_t* y, float (*out)[16]) {
-  const int64_t block = K * kBlock;  // elements of one weight block
+void pair_tiles(const uint16_t* x, int64_t r0, int64_t K, const uint16_t* w0, const uint16_t* w1,
+                const uint16_t* next0, const uint16_t* next1) {
   _tile_zero(0);
   _tile_zero(1);
   if (two) {
@@ -118,12 +119,16 @@ void pair_amx(const uint16_t* x, const uint16_t* wb, int64_t M, int64_t K, int64
     _tile_zero(3);
   }
   for (int64_t k0 = 0; k0 < K; k0 += 32) {
-    if (prefetch_next) {  // the next pair of blocks, 2 KB a step: all of it by the pass's end
-      const char* ahead = reinterpret_cast<const char*>(wb + 2 * block) + k0 * 2 * kBlock * 2;
-      for (int line = 0; line < 2048; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T1);
+    if (next0 != nullptr) {  // all of both next blocks by the pass's end
+      const char* a0 = reinterpret_cast<const char*>(next0 + k0 * kBlock);
+      const char* a1 = reinterpret_cast<const char*>(next1 + k0 * kBlock);
+      for (int line = 0; line < 1024; line += 64) {
+        _mm_prefetch(a0 + line, _MM_HINT_T1);
+        _mm_prefetch(a1 + line, _MM_HINT_T1);
+      }
     }
-    _tile_loadd(6, wb + k0 * kBlock, 64);
-    _tile_loadd(7, wb + block + k0 * kBlock, 64);
+    _tile_loadd(6, w0 + k0 * kBlock, 64);
+    _tile_loadd(7, w1 + k0 * kBlock, 64);
     _tile_loadd(4, x + r0 * K + k0, K * 2);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
@@ -133,6 +138,14 @@ void pair_amx(const uint16_t* x, const uint16_t* wb, int64_t M, int64_t K, int64
       _tile_dpbf16ps(3, 5, 7);
     }
   }
+}
+
+// Blocks b and b + 1 of y, rows r0 .. (one or two tiles).
+template <bool two>
+void pair_amx(const uint16_t* x, const uint16_t* wb, int64_t M, int64_t K, int64_t N, int64_t b, int64_t r0,
+              bool prefetch_next, uint16_t* y, float (*out)[16]) {
+  const int64_t block = K * kBlock;  // elements of one weight block
+  pair_tiles<two>(x, r0, K, wb, wb + block, prefetch_next ? wb + 2 * block : nullptr, wb + 3 * block);
   _tile_stored(0, out, 64);
   store_tile(out, y, M, N, r0, b);
   _tile_stored(1, out, 64);
@@ -165,6 +178,53 @@ void gemm_amx(const uint16_t* x, const uint16_t* w, int64_t M, int64_t K, int64_
         if (MT == 3) pair_amx<false>(x, wb, M, K, N, b, 32, true, y, out);
         if (MT == 4) pair_amx<true>(x, wb, M, K, N, b, 32, true, y, out);
         ++b;
+      }
+    }
+    _tile_release();
+  });
+}
+
+// silu(x Wg^T) * (x Wu^T) with gate block b paired with up block b + blocks / 2: one pass over
+// rows (two passes past 32), the SwiGLU applied to the tiles before they are written.
+template <int MT>
+void gemm_silu_amx(const uint16_t* x, const uint16_t* w, int64_t M, int64_t K, int64_t blocks, uint16_t* y) {
+  const int64_t half = blocks / 2, I = half * kBlock, block = K * kBlock;
+  kiln::parallel_claims((half + kTaskBlocks - 1) / kTaskBlocks, [&](auto claim) {
+    kiln::TileConfig cfg(8);
+    _tile_loadconfig(&cfg);
+    alignas(64) float gate[16][16];
+    alignas(64) float up[16][16];
+    alignas(64) uint16_t rounded[2][16];
+    auto store = [&](int tiles, int64_t r0, int64_t b) {  // tmm 2t (gate), 2t + 1 (up): rows r0 + 16 t ..
+      for (int t = 0; t < tiles; ++t) {
+        if (t == 0) {
+          _tile_stored(0, gate, 64);
+          _tile_stored(1, up, 64);
+        } else {
+          _tile_stored(2, gate, 64);
+          _tile_stored(3, up, 64);
+        }
+        for (int r = 0; r < 16 && r0 + 16 * t + r < M; ++r) {
+          _mm256_store_si256(reinterpret_cast<__m256i*>(rounded[0]), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(gate[r])));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(rounded[1]), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(up[r])));
+          kiln::f32x16_to_bf16(kiln::silu_mul512(kiln::bf16x16_to_f32(rounded[0]), kiln::bf16x16_to_f32(rounded[1])),
+                               y + (r0 + 16 * t + r) * I + b * kBlock);
+        }
+      }
+    };
+    for (int64_t task; (task = claim()) >= 0;) {
+      const int64_t b_end = std::min(half, (task + 1) * kTaskBlocks);
+      for (int64_t b = task * kTaskBlocks; b < b_end; ++b) {
+        const uint16_t* wg = w + b * block;
+        const uint16_t* wu = wg + half * block;
+        const uint16_t* next_g = b + 1 < half ? wg + block : nullptr;
+        pair_tiles<(MT >= 2)>(x, 0, K, wg, wu, MT <= 2 ? next_g : nullptr, wu + block);
+        store(MT >= 2 ? 2 : 1, 0, b);
+        if (MT > 2) {
+          if (MT == 3) pair_tiles<false>(x, 32, K, wg, wu, next_g, wu + block);
+          if (MT == 4) pair_tiles<true>(x, 32, K, wg, wu, next_g, wu + block);
+          store(MT - 2, 32, b);
+        }
       }
     }
     _tile_release();
@@ -206,13 +266,17 @@ inline void gemv_block(const uint16_t* w, const uint16_t* x, int64_t K, uint16_t
 }
 #endif
 
-// x [M, K] bfloat16 (unit inner stride), packed from pack_gemv_bf16 -> y [M, N].
-at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& packed) {
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kBFloat16,
-              "gemv_bf16: x must be bfloat16 [M, K] with unit inner stride");
+void check_gemv_args(const at::Tensor& x, const at::Tensor& packed, const char* op) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kBFloat16, op,
+              ": x must be bfloat16 [M, K] with unit inner stride");
   TORCH_CHECK(packed.dim() == 4 && packed.is_contiguous() && packed.scalar_type() == at::kBFloat16 &&
                   packed.size(2) == kBlock && packed.size(3) == 2 && packed.size(1) * 2 == x.size(1),
-              "gemv_bf16: packed must come from pack_gemv_bf16 of a [N, K] weight, K = x's columns");
+              op, ": packed must come from pack_gemv_bf16 of a [N, K] weight, K = x's columns");
+}
+
+// x [M, K] bfloat16 (unit inner stride), packed from pack_gemv_bf16 -> y [M, N].
+at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& packed) {
+  check_gemv_args(x, packed, "gemv_bf16");
   TORCH_CHECK(KILN_GEMV, "gemv_bf16: this CPU has no AVX512-BF16");  // after the argument checks, which hold anywhere
   const int64_t M = x.size(0), K = x.size(1), blocks = packed.size(0), N = blocks * kBlock;
   auto y = at::empty({M, N}, x.options());
@@ -242,6 +306,47 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& packed) {
   return y;
 }
 
+// x [M, K] -> silu(x Wg^T) * (x Wu^T) [M, I], `packed` from pack_gemv_bf16 of [Wg; Wu] ([2I, K]):
+// gemv_bf16 and SwiGLU in one pass, the bits of silu_and_mul(gemv_bf16(x, packed)) without
+// writing and re-reading the [M, 2I] product in between.
+at::Tensor gemv_silu_bf16(const at::Tensor& x, const at::Tensor& packed) {
+  check_gemv_args(x, packed, "gemv_silu_bf16");
+  TORCH_CHECK(packed.size(0) % 2 == 0, "gemv_silu_bf16: the weight's rows must be two halves of a multiple of 16");
+  TORCH_CHECK(KILN_GEMV, "gemv_silu_bf16: this CPU has no AVX512-BF16");
+  const int64_t M = x.size(0), K = x.size(1), blocks = packed.size(0), half = blocks / 2, I = half * kBlock;
+  auto y = at::empty({M, I}, x.options());
+#if KILN_GEMV
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.const_data_ptr<c10::BFloat16>());
+  const auto* wp = reinterpret_cast<const uint16_t*>(packed.const_data_ptr<c10::BFloat16>());
+  auto* yp = reinterpret_cast<uint16_t*>(y.mutable_data_ptr<c10::BFloat16>());
+  const int64_t x_stride = x.stride(0);
+#if KILN_GEMV_AMX
+  if (M > 1 && M <= kAmxMaxRows && K % 32 == 0 && amx_ready()) {
+    const int64_t MT = (M + 15) / 16;
+    std::vector<uint16_t> xpad(MT * 16 * K, 0);  // whole 16-row tiles, rows past M zero
+    for (int64_t m = 0; m < M; ++m) std::memcpy(xpad.data() + m * K, xp + m * x_stride, K * sizeof(uint16_t));
+    if (MT == 1) gemm_silu_amx<1>(xpad.data(), wp, M, K, blocks, yp);
+    if (MT == 2) gemm_silu_amx<2>(xpad.data(), wp, M, K, blocks, yp);
+    if (MT == 3) gemm_silu_amx<3>(xpad.data(), wp, M, K, blocks, yp);
+    if (MT == 4) gemm_silu_amx<4>(xpad.data(), wp, M, K, blocks, yp);
+    return y;
+  }
+#endif
+  kiln::parallel_claims((half + kTaskBlocks - 1) / kTaskBlocks, [&](auto claim) {
+    alignas(64) uint16_t gate[kBlock], up[kBlock];
+    for (int64_t task; (task = claim()) >= 0;)
+      for (int64_t b = task * kTaskBlocks; b < std::min(half, (task + 1) * kTaskBlocks); ++b)
+        for (int64_t m = 0; m < M; ++m) {
+          gemv_block(wp + b * K * kBlock, xp + m * x_stride, K, gate);
+          gemv_block(wp + (b + half) * K * kBlock, xp + m * x_stride, K, up);
+          kiln::f32x16_to_bf16(kiln::silu_mul512(kiln::bf16x16_to_f32(gate), kiln::bf16x16_to_f32(up)),
+                               yp + m * I + b * kBlock);
+        }
+  });
+#endif
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(kiln_cpu, m) {
@@ -249,9 +354,11 @@ TORCH_LIBRARY_FRAGMENT(kiln_cpu, m) {
   m.def("gemv_bf16_max_rows() -> int", &gemv_bf16_max_rows);
   m.def("pack_gemv_bf16(Tensor w) -> Tensor");
   m.def("gemv_bf16(Tensor x, Tensor packed) -> Tensor");
+  m.def("gemv_silu_bf16(Tensor x, Tensor packed) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kiln_cpu, CPU, m) {
   m.impl("pack_gemv_bf16", &pack_gemv_bf16);
   m.impl("gemv_bf16", &gemv_bf16);
+  m.impl("gemv_silu_bf16", &gemv_silu_bf16);
 }

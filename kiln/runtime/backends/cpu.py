@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ...kernels import cpu_ops
 from . import cpu_decode
-from ..models.layers import RMSNorm, RotaryEmbedding
+from ..models.layers import Linear, RMSNorm, RotaryEmbedding
 from ..models.llama import MLP, reduce_row_parallel
 from .base import AttentionMetadata
 
@@ -102,8 +102,6 @@ class CpuBackend:
         bfloat16 linears a second copy for the one-row kernel (gemv.cpp) where memory allows
         (`_want_gemv_copies`), and swap in the fused C++ RMSNorm, RoPE and SwiGLU where kiln's
         CPU kernels built."""
-        from ..models.layers import Linear
-
         gemv_linears = [m for m in model.modules() if isinstance(m, Linear) and m.weight is not None
                         and m.weight.dtype == torch.bfloat16 and m.out_features % 16 == 0 and m.in_features % 2 == 0]
         if self.kernels and gemv_linears and cpu_ops.gemv_bf16_supported() and _want_gemv_copies(gemv_linears):
@@ -312,4 +310,9 @@ class FusedRotaryEmbedding(RotaryEmbedding):
 
 class FusedMLP(MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reduce_row_parallel(self.tp, self.down_proj(cpu_ops.silu_and_mul(self.gate_up_proj(x))))
+        gate_up = self.gate_up_proj
+        if type(gate_up) is Linear and gate_up.uses_gemv(x) and gate_up.gemv.shape[0] % 2 == 0:
+            h = cpu_ops.gemv_silu_bf16(x, gate_up.gemv)  # the same bits, one pass fewer
+        else:
+            h = cpu_ops.silu_and_mul(gate_up(x))
+        return reduce_row_parallel(self.tp, self.down_proj(h))

@@ -59,8 +59,12 @@ class Linear(nn.Module):
             self.packed = w.to_mkldnn()
         self.weight = None
 
+    def uses_gemv(self, x: torch.Tensor) -> bool:
+        """Whether forward(x) runs kiln_cpu::gemv_bf16 on the `gemv` copy."""
+        return self.gemv is not None and x.dim() == 2 and x.shape[0] <= self.gemv_rows and x.stride(1) == 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gemv is not None and x.dim() == 2 and x.shape[0] <= self.gemv_rows and x.stride(1) == 1:
+        if self.uses_gemv(x):
             return torch.ops.kiln_cpu.gemv_bf16(x, self.gemv)
         if self.packed is not None:
             # Dense in, dense out: no conversion of activations to oneDNN's layout.
