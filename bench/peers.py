@@ -558,7 +558,7 @@ class Server:
                                f"{tail(self.log)}")
 
     async def _first_request(self) -> serving.Result:
-        async with httpx.AsyncClient(timeout=httpx.Timeout(self.peer.startup_timeout)) as client:
+        async with serving.client_session(1, self.peer.startup_timeout) as client:
             return await serving.one_request(client, self.url, self.peer.model_field, "Hello", 1, None,
                                              peer_body(self.peer, 1))
 

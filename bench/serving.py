@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import httpx
 
 WORDS = ("river mountain light engine garden number story question answer market winter "
@@ -73,7 +74,7 @@ def request_body(prompt: str, max_tokens: int, model: str | None, extra_body: di
     return body
 
 
-async def one_request(client: httpx.AsyncClient, url: str, model: str | None, prompt: str,
+async def one_request(session: aiohttp.ClientSession, url: str, model: str | None, prompt: str,
                       max_tokens: int, api_key: str | None, extra_body: dict | None = None) -> Result:
     body = request_body(prompt, max_tokens, model, extra_body)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -83,13 +84,13 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str | None, pr
     text_chunks = 0
     usage_seen = False
     try:
-        async with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as r:
-            if r.status_code != 200:
-                res.error = f"HTTP {r.status_code}"
-                await r.aread()
+        async with session.post(f"{url}/v1/completions", json=body, headers=headers) as r:
+            if r.status != 200:
+                res.error = f"HTTP {r.status}"
+                await r.read()
                 return res
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+            async for line in r.content:  # the stream line by line: `data: {...}` events
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                     continue
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
@@ -110,9 +111,17 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str | None, pr
             res.tokens = text_chunks
         res.latency = time.perf_counter() - start
         res.ok = True
-    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+    except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
         res.error = type(exc).__name__
     return res
+
+
+def client_session(connections: int, timeout: float = 600.0) -> aiohttp.ClientSession:
+    """The load generator's HTTP client. aiohttp, as vLLM's benchmark_serving uses: on a 2-core
+    host the client shares the cores with the server under test, and its CPU per streamed
+    token is about half of httpx's (bench/RESULTS.md)."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections),
+                                 timeout=aiohttp.ClientTimeout(total=timeout))
 
 
 def pct(values: list[float], q: float) -> float:
@@ -125,8 +134,7 @@ def pct(values: list[float], q: float) -> float:
 async def run_load(url: str, model: str | None, prompts: list[str], max_tokens: int,
                    concurrency: int | None, rate: float | None, seed: int, api_key: str | None,
                    extra_body: dict | None = None) -> dict:
-    limits = httpx.Limits(max_connections=max(concurrency or 256, 8))
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+    async with client_session(max(concurrency or 256, 8)) as client:
         start = time.perf_counter()
         if concurrency:
             queue = list(enumerate(prompts))
