@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "amx.h"
@@ -230,6 +231,25 @@ void gemm_silu_amx(const uint16_t* x, const uint16_t* w, int64_t M, int64_t K, i
     _tile_release();
   });
 }
+
+// x's M rows (row stride `stride`) as whole 16-row tiles, rows past M zero, contiguous: the
+// tile paths' x operand.
+std::vector<uint16_t> padded_rows(const uint16_t* x, int64_t stride, int64_t M, int64_t K) {
+  std::vector<uint16_t> out((M + 15) / 16 * 16 * K, 0);
+  for (int64_t m = 0; m < M; ++m) std::memcpy(out.data() + m * K, x + m * stride, K * sizeof(uint16_t));
+  return out;
+}
+
+// f(std::integral_constant<int, MT>{}) for the MT = 1-4 sixteen-row tiles that M rows take.
+template <typename F>
+void with_row_tiles(int64_t M, F&& f) {
+  switch ((M + 15) / 16) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
+}
 #else
 #define KILN_GEMV_AMX 0
 #endif
@@ -287,13 +307,8 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& packed) {
   const int64_t x_stride = x.stride(0);
 #if KILN_GEMV_AMX
   if (M > 1 && M <= kAmxMaxRows && K % 32 == 0 && amx_ready()) {
-    const int64_t MT = (M + 15) / 16;
-    std::vector<uint16_t> xpad(MT * 16 * K, 0);  // whole 16-row tiles, rows past M zero
-    for (int64_t m = 0; m < M; ++m) std::memcpy(xpad.data() + m * K, xp + m * x_stride, K * sizeof(uint16_t));
-    if (MT == 1) gemm_amx<1>(xpad.data(), wp, M, K, blocks, yp);
-    if (MT == 2) gemm_amx<2>(xpad.data(), wp, M, K, blocks, yp);
-    if (MT == 3) gemm_amx<3>(xpad.data(), wp, M, K, blocks, yp);
-    if (MT == 4) gemm_amx<4>(xpad.data(), wp, M, K, blocks, yp);
+    const std::vector<uint16_t> xpad = padded_rows(xp, x_stride, M, K);
+    with_row_tiles(M, [&](auto mt) { gemm_amx<decltype(mt)::value>(xpad.data(), wp, M, K, blocks, yp); });
     return y;
   }
 #endif
@@ -322,13 +337,8 @@ at::Tensor gemv_silu_bf16(const at::Tensor& x, const at::Tensor& packed) {
   const int64_t x_stride = x.stride(0);
 #if KILN_GEMV_AMX
   if (M > 1 && M <= kAmxMaxRows && K % 32 == 0 && amx_ready()) {
-    const int64_t MT = (M + 15) / 16;
-    std::vector<uint16_t> xpad(MT * 16 * K, 0);  // whole 16-row tiles, rows past M zero
-    for (int64_t m = 0; m < M; ++m) std::memcpy(xpad.data() + m * K, xp + m * x_stride, K * sizeof(uint16_t));
-    if (MT == 1) gemm_silu_amx<1>(xpad.data(), wp, M, K, blocks, yp);
-    if (MT == 2) gemm_silu_amx<2>(xpad.data(), wp, M, K, blocks, yp);
-    if (MT == 3) gemm_silu_amx<3>(xpad.data(), wp, M, K, blocks, yp);
-    if (MT == 4) gemm_silu_amx<4>(xpad.data(), wp, M, K, blocks, yp);
+    const std::vector<uint16_t> xpad = padded_rows(xp, x_stride, M, K);
+    with_row_tiles(M, [&](auto mt) { gemm_silu_amx<decltype(mt)::value>(xpad.data(), wp, M, K, blocks, yp); });
     return y;
   }
 #endif
