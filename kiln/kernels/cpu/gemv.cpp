@@ -195,7 +195,11 @@ void gemm_silu_amx(const uint16_t* x, const uint16_t* w, int64_t M, int64_t K, i
     _tile_loadconfig(&cfg);
     alignas(64) float gate[16][16];
     alignas(64) float up[16][16];
-    alignas(64) uint16_t rounded[2][16];
+    // A tile row rounded to bf16 (as gemv_bf16 writes it) and widened back, in registers.
+    auto as_bf16 = [](const float* row) {
+      const __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(row));
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    };
     auto store = [&](int tiles, int64_t r0, int64_t b) {  // tmm 2t (gate), 2t + 1 (up): rows r0 + 16 t ..
       for (int t = 0; t < tiles; ++t) {
         if (t == 0) {
@@ -206,10 +210,7 @@ void gemm_silu_amx(const uint16_t* x, const uint16_t* w, int64_t M, int64_t K, i
           _tile_stored(3, up, 64);
         }
         for (int r = 0; r < 16 && r0 + 16 * t + r < M; ++r) {
-          _mm256_store_si256(reinterpret_cast<__m256i*>(rounded[0]), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(gate[r])));
-          _mm256_store_si256(reinterpret_cast<__m256i*>(rounded[1]), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(up[r])));
-          kiln::f32x16_to_bf16(kiln::silu_mul512(kiln::bf16x16_to_f32(rounded[0]), kiln::bf16x16_to_f32(rounded[1])),
-                               y + (r0 + 16 * t + r) * I + b * kBlock);
+          kiln::f32x16_to_bf16(kiln::silu_mul512(as_bf16(gate[r]), as_bf16(up[r])), y + (r0 + 16 * t + r) * I + b * kBlock);
         }
       }
     };
