@@ -122,9 +122,9 @@ def test_max_loras_limits_the_batch_but_every_request_completes(adapters, prompt
     seen: list[set] = []
     original = engine.runner.execute
 
-    def spy(batch):
+    def spy(batch, **kwargs):
         seen.append({s.adapter.name for s in batch.seqs if s.adapter is not None})
-        return original(batch)
+        return original(batch, **kwargs)
 
     engine.runner.execute = spy
     got = _run(engine, jobs)

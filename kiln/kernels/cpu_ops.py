@@ -2,7 +2,8 @@
 paged cache (cpu/paged_decode.cpp, cpu/paged_prefill.cpp), the fused RMSNorm, RoPE and SwiGLU (cpu/fused.cpp), the
 batched LoRA term of decode rows (cpu/lora.cpp), the one-row bfloat16 linear
 (cpu/gemv.cpp), the loop over a pure-decode step's layers that issues them from C++
-(cpu/decode_step.cpp) and the sampler's row-wise argmax (cpu/argmax.cpp).
+(cpu/decode_step.cpp), the sampler's row-wise argmax (cpu/argmax.cpp) and greedy decoding's
+LM head read from an int8 screen (cpu/greedy_head.cpp).
 
 torch.utils.cpp_extension compiles it with the host's own instruction set (-march=native)
 into a folder keyed by the source, torch's version and the CPU's flags, so a cache copied to
@@ -16,6 +17,7 @@ import hashlib
 import logging
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,8 +26,8 @@ log = logging.getLogger(__name__)
 
 _DIR = Path(__file__).with_name("cpu")
 SOURCES = (_DIR / "paged_decode.cpp", _DIR / "fused.cpp", _DIR / "lora.cpp", _DIR / "decode_step.cpp",
-           _DIR / "gemv.cpp", _DIR / "argmax.cpp", _DIR / "paged_prefill.cpp")
-_HEADERS = (_DIR / "vec.h", _DIR / "amx.h", _DIR / "parallel.h")
+           _DIR / "gemv.cpp", _DIR / "argmax.cpp", _DIR / "paged_prefill.cpp", _DIR / "greedy_head.cpp")
+_HEADERS = (_DIR / "vec.h", _DIR / "amx.h", _DIR / "parallel.h", _DIR / "gemv.h")
 _lock = threading.Lock()
 _loaded: dict[Path, bool] = {}
 
@@ -166,3 +168,50 @@ def gemv_silu_bf16(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """silu_and_mul(gemv_bf16(x, packed)) in one pass, bit for bit: `packed` holds a fused
     gate/up weight [2I, K] (2I a multiple of 32); the [M, 2I] product is never written."""
     return torch.ops.kiln_cpu.gemv_silu_bf16(x, packed)
+
+
+def greedy_head_supported() -> bool:
+    """Whether greedy_head_bf16 runs here (the build's CPU has AMX-INT8 and the kernel may use it)."""
+    return hasattr(torch.ops, "kiln_cpu") and hasattr(torch.ops.kiln_cpu, "greedy_head_supported") \
+        and bool(torch.ops.kiln_cpu.greedy_head_supported())
+
+
+@dataclass(frozen=True)
+class GreedyScreen:
+    """An LM head weight's int8 copy for greedy_head_bf16: `q` [V/16, K/4, 16, 4] (AMX-INT8's
+    B layout, one scale per row) and `stats` [3, V] float32: each row's scale sw, then bounds
+    ||w - sw q|| + 2^-12 ||w|| and ||sw q|| rounded up (see cpu/greedy_head.cpp)."""
+
+    q: torch.Tensor
+    stats: torch.Tensor
+
+
+def pack_greedy_head(weight: torch.Tensor, chunk: int = 4096) -> GreedyScreen | None:
+    """The int8 screen of a bfloat16 LM head weight [V, K] (V a multiple of 16, K of 64); None
+    for a weight with a non-finite value (the screen's bounds would not hold)."""
+    V, K = weight.shape
+    if V % 16 or K % 64 or weight.dtype != torch.bfloat16 or not bool(torch.isfinite(weight).all()):
+        return None
+    q = torch.empty(V, K, dtype=torch.int8)
+    stats = torch.empty(3, V, dtype=torch.float32)
+    inf = torch.tensor(float("inf"))
+    for s in range(0, V, chunk):
+        w = weight[s:s + chunk].double()
+        sw = (w.abs().amax(1) / 127).float()
+        sw = torch.where(sw > 0, sw, torch.ones_like(sw))  # the float32 scale the kernel multiplies by
+        qq = torch.round(w / sw.double()[:, None]).clamp_(-127, 127)
+        wq = qq * sw.double()[:, None]
+        alpha = (w - wq).norm(dim=1) * (1 + 1e-12) + 2.0 ** -12 * w.norm(dim=1)
+        beta = wq.norm(dim=1) * (1 + 1e-12)
+        stats[0, s:s + chunk] = sw
+        stats[1, s:s + chunk] = torch.nextafter(alpha.float(), inf)
+        stats[2, s:s + chunk] = torch.nextafter(beta.float(), inf)
+        q[s:s + chunk] = qq.to(torch.int8)
+    return GreedyScreen(q.view(V // 16, 16, K // 4, 4).permute(0, 2, 1, 3).contiguous(), stats)
+
+
+def greedy_head_bf16(x: torch.Tensor, packed: torch.Tensor, screen: GreedyScreen) -> torch.Tensor:
+    """argmax over each row of gemv_bf16(x, packed) (first index of the maximum), exactly, for
+    x [M, K] bfloat16 with M <= 64, from the int8 screen and a few recomputed blocks: [M] int64,
+    -1 for a row of x that is not finite."""
+    return torch.ops.kiln_cpu.greedy_head_bf16(x, packed, screen.q, screen.stats)

@@ -30,7 +30,7 @@ from .model_runner import ModelRunner
 from .models.llama import LlamaForCausalLM
 from .models.loader import ModelConfig, resolve_model
 from .request import FinishReason, Request, RequestOutput, SamplingParams, TokenLogprob
-from .sampler import SamplerRow, sample
+from .sampler import SamplerRow, plain_greedy, sample
 from .scheduler import Scheduler, SchedulerConfig, Sequence
 from .tokenizer import Tokenizer
 
@@ -293,10 +293,13 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
-        result = self.runner.execute(batch)
+        result = self.runner.execute(batch, greedy=all(plain_greedy(s.request.params) for s in batch.seqs))
         self.scheduler.after_step(batch)
         outputs: list[RequestOutput] = []
-        if result.sampled:
+        if result.tokens is not None:  # the model picked plain-greedy tokens itself
+            for seq, token in zip(result.sampled, result.tokens.tolist()):
+                outputs.append(self._append_token(seq, token, None))
+        elif result.sampled:
             rows = [
                 SamplerRow(s.request.params, s.token_ids[: s.num_prompt_tokens], s.output_token_ids)
                 for s in result.sampled

@@ -21,9 +21,10 @@ from .scheduler import ScheduledBatch, Sequence
 
 @dataclass
 class StepResult:
-    logits: torch.Tensor  # [len(sampled), vocab] float32 (the CPU decode loop: the model's dtype)
+    logits: torch.Tensor | None  # [len(sampled), vocab] float32 (the CPU decode loop: the model's dtype)
     sampled: list[Sequence]  # sequences whose last token was computed: they get a new token
     forward_seconds: float
+    tokens: torch.Tensor | None = None  # [len(sampled)] int64 instead of logits: greedy picks
 
 
 @dataclass
@@ -86,8 +87,10 @@ def build_inputs(block_size: int, decodes: list[Decode], prefills: list[Prefill]
 
 
 def run_model(model: LlamaForCausalLM, backend, inputs: StepInputs, lora_context: LoraContext | None,
-              segments: list, use_graphs: bool = True) -> torch.Tensor:
-    """One forward over the flat batch; the LoRA segments are set for its duration."""
+              segments: list, use_graphs: bool = True, greedy: bool = False) -> torch.Tensor:
+    """One forward over the flat batch; the LoRA segments are set for its duration. With
+    `greedy` (every sampled row is plain greedy) the result may be int64 token ids instead of
+    logits (LlamaForCausalLM.forward)."""
     if lora_context is not None:
         lora_context.segments = segments
     try:
@@ -100,8 +103,8 @@ def run_model(model: LlamaForCausalLM, backend, inputs: StepInputs, lora_context
             # A captured CUDA graph (and the CPU's decode loop) holds no LoRA term: batches
             # with adapters run the modules (their LoRA term goes through the LoRA kernels).
             return device_forward(model, *args, state, inputs.logits_indices,
-                                  use_graphs=use_graphs and not segments)
-        return model(*args, backend, state, inputs.logits_indices)
+                                  use_graphs=use_graphs and not segments, greedy=greedy)
+        return model(*args, backend, state, inputs.logits_indices, greedy)
     finally:
         if lora_context is not None:
             lora_context.segments = []
@@ -119,7 +122,9 @@ class ModelRunner:
         """A sequence left the engine. Nothing to do here: its blocks are the scheduler's
         (the tensor-parallel runner drops the workers' copy of its block table)."""
 
-    def execute(self, batch: ScheduledBatch) -> StepResult:
+    def execute(self, batch: ScheduledBatch, greedy: bool = False) -> StepResult:
+        """Run the batch. `greedy`: every sequence in it samples plain greedy, so the model may
+        return the tokens instead of logits (StepResult.tokens)."""
         decodes: list[Sequence] = []
         prefills: list[tuple[Sequence, int]] = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
@@ -142,8 +147,10 @@ class ModelRunner:
                                      inputs.meta.prefills)
         t0 = time.perf_counter()
         self.before_forward(decodes, prefills, d_in, p_in)
-        logits = run_model(self.model, self.backend, inputs, self.lora_context, segments)
-        return StepResult(logits, sampled, time.perf_counter() - t0)
+        out = run_model(self.model, self.backend, inputs, self.lora_context, segments, greedy=greedy)
+        if out.dtype == torch.long:
+            return StepResult(None, sampled, time.perf_counter() - t0, tokens=out)
+        return StepResult(out, sampled, time.perf_counter() - t0)
 
     def before_forward(self, decodes: list[Sequence], prefills: list[tuple[Sequence, int]],
                        d_in: list[Decode], p_in: list[Prefill]) -> None:

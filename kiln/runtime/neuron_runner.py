@@ -36,7 +36,7 @@ class NeuronModelRunner:
         if row is not None:
             heapq.heappush(self._free, row)
 
-    def execute(self, batch: ScheduledBatch) -> StepResult:
+    def execute(self, batch: ScheduledBatch, greedy: bool = False) -> StepResult:  # logits always
         for seq in batch.preempted:  # recomputed from its tokens into a fresh row later
             self.release(seq)
         decodes: list[Sequence] = []

@@ -536,9 +536,9 @@ class TensorParallelRunner(ModelRunner):
         self.tpe = tpe
         self.lora = lora_manager
 
-    def execute(self, batch):
+    def execute(self, batch, greedy: bool = False):
         with self.tpe._lock:
-            try:
+            try:  # vocab-parallel heads always return logits: `greedy` is not passed on
                 return super().execute(batch)
             except Exception as exc:
                 self.tpe.collective_failed(exc)

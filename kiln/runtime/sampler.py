@@ -32,7 +32,7 @@ from torch import Tensor
 from kiln.kernels import cpu_ops
 from kiln.runtime.request import SamplingParams, TokenLogprob
 
-__all__ = ["SamplerRow", "SamplerOutput", "apply_penalties", "apply_filters", "sample"]
+__all__ = ["SamplerRow", "SamplerOutput", "apply_penalties", "apply_filters", "plain_greedy", "sample"]
 
 _NEG_INF = float("-inf")
 _SEED_MULT = 1_000_003
@@ -50,6 +50,12 @@ class SamplerRow:
 class SamplerOutput:
     token_ids: list[int]  # one per row
     logprobs: list[TokenLogprob | None]  # None for rows whose params.logprobs is None
+
+
+def plain_greedy(params: SamplingParams) -> bool:
+    """Whether a row's token is the argmax of its raw logits with nothing else read from them
+    (no temperature, penalties or logprobs): the model may then pick it without writing them."""
+    return params.temperature == 0.0 and not params.uses_penalties and params.logprobs is None
 
 
 def row_seed(seed: int, step: int) -> int:
@@ -215,18 +221,15 @@ def sample(logits: Tensor, rows: Sequence[SamplerRow]) -> SamplerOutput:
     """Pick one token per row of ``logits`` ([len(rows), V], any float dtype)."""
     n = len(rows)
     params = [r.params for r in rows]
-    all_greedy = True
+    if all(plain_greedy(p) for p in params):  # hot path (also n == 0)
+        return SamplerOutput(_argmax(logits).tolist(), [None] * n)
     any_pen = False
     any_lp = False
     for p in params:
-        if p.temperature != 0.0:
-            all_greedy = False
         if p.uses_penalties:
             any_pen = True
         if p.logprobs is not None:
             any_lp = True
-    if all_greedy and not any_pen and not any_lp:  # hot path (also n == 0)
-        return SamplerOutput(_argmax(logits).tolist(), [None] * n)
 
     device = logits.device
     raw = logits.float()

@@ -18,19 +18,16 @@
 #include <vector>
 
 #include "amx.h"
+#include "gemv.h"
 #include "parallel.h"
 #include "vec.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
-#define KILN_GEMV 1
-#else
-#define KILN_GEMV 0
-#endif
-
 namespace {
 
-constexpr int64_t kBlock = 16;  // output rows a block (one float32 vector)
+using kiln::kBlock;
+#if KILN_GEMV
+using kiln::gemv_block;
+#endif
 // Blocks a thread claims at a time (kiln::parallel_claims): small enough that a thread left
 // running takes over most of a preempted one's share, large enough that claiming costs nothing.
 constexpr int64_t kTaskBlocks = 4;
@@ -46,15 +43,15 @@ at::Tensor pack_gemv_bf16(const at::Tensor& w) {
   return w.reshape({N / kBlock, kBlock, K / 2, 2}).permute({0, 2, 1, 3}).contiguous();
 }
 
-#if KILN_GEMV && defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#define KILN_GEMV_AMX 1
+#if KILN_GEMV_AMX
 // Several rows (a decode batch): AMX tile products straight from the same copy. A block's
 // [K/2, 16, 2] layout is exactly an AMX B operand (each 64-byte row: one column pair of 16
 // outputs), 32 columns a step. Up to 16 rows, one x tile against each weight tile as it
 // streams; past that, two x tiles against two weight blocks at a time (block pairs are read
 // from memory once, a second pass over rows 32-63 finds them in L2). The tile products run at
 // ~3.8 TFLOP/s a core here; what bounds these shapes is moving x and w into the tiles.
-constexpr int64_t kAmxMaxRows = 64;
+using kiln::kAmxMaxRows;
+using kiln::gemv_tile_path;
 constexpr int64_t kPrefetchBytes = 16384;  // into L2; measured against 4-32 KB and L1
 
 using kiln::amx_ready;
@@ -251,8 +248,6 @@ void with_row_tiles(int64_t M, F&& f) {
     default: f(std::integral_constant<int, 4>{}); break;
   }
 }
-#else
-#define KILN_GEMV_AMX 0
 #endif
 
 // Rows up to which gemv_bf16 should be preferred to oneDNN: many with AMX, else one.
@@ -263,29 +258,6 @@ int64_t gemv_bf16_max_rows() {
   return 1;
 }
 
-#if KILN_GEMV
-// One block of 16 outputs: w the block ([K/2, 16, 2]), x one row [K], y 16 outputs.
-inline void gemv_block(const uint16_t* w, const uint16_t* x, int64_t K, uint16_t* y) {
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-  const int64_t pairs = K / 2;
-  int64_t p = 0;
-  for (; p + 2 <= pairs; p += 2) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + (p + 16) * 32), _MM_HINT_T0);
-    uint32_t x0, x1;
-    std::memcpy(&x0, x + 2 * p, 4);
-    std::memcpy(&x1, x + 2 * p + 2, 4);
-    acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(w + p * 32), (__m512bh)_mm512_set1_epi32(x0));
-    acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_loadu_si512(w + (p + 1) * 32), (__m512bh)_mm512_set1_epi32(x1));
-  }
-  if (p < pairs) {
-    uint32_t x0;
-    std::memcpy(&x0, x + 2 * p, 4);
-    acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(w + p * 32), (__m512bh)_mm512_set1_epi32(x0));
-  }
-  // Round to nearest even, as c10::BFloat16 does.
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc0, acc1)));
-}
-#endif
 
 void check_gemv_args(const at::Tensor& x, const at::Tensor& packed, const char* op) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kBFloat16, op,
@@ -307,7 +279,7 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& packed) {
   auto* yp = reinterpret_cast<uint16_t*>(y.mutable_data_ptr<c10::BFloat16>());
   const int64_t x_stride = x.stride(0);
 #if KILN_GEMV_AMX
-  if (M > 1 && M <= kAmxMaxRows && K % 32 == 0 && amx_ready()) {
+  if (gemv_tile_path(M, K)) {
     const std::vector<uint16_t> xpad = padded_rows(xp, x_stride, M, K);
     with_row_tiles(M, [&](auto mt) { gemm_amx<decltype(mt)::value>(xpad.data(), wp, M, K, blocks, yp); });
     return y;
@@ -337,7 +309,7 @@ at::Tensor gemv_silu_bf16(const at::Tensor& x, const at::Tensor& packed) {
   auto* yp = reinterpret_cast<uint16_t*>(y.mutable_data_ptr<c10::BFloat16>());
   const int64_t x_stride = x.stride(0);
 #if KILN_GEMV_AMX
-  if (M > 1 && M <= kAmxMaxRows && K % 32 == 0 && amx_ready()) {
+  if (gemv_tile_path(M, K)) {
     const std::vector<uint16_t> xpad = padded_rows(xp, x_stride, M, K);
     with_row_tiles(M, [&](auto mt) { gemm_silu_amx<decltype(mt)::value>(xpad.data(), wp, M, K, blocks, yp); });
     return y;

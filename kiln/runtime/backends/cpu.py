@@ -109,6 +109,9 @@ class CpuBackend:
             for module in gemv_linears:
                 module.gemv = cpu_ops.pack_gemv_bf16(module.weight.detach())
                 module.gemv_rows = rows
+            head = getattr(model, "lm_head", None)
+            if isinstance(head, Linear) and head.gemv is not None and _want_greedy_head():
+                head.greedy = cpu_ops.pack_greedy_head(head.weight.detach())  # None: not screenable
         for module in model.modules():
             if (torch.backends.mkldnn.is_available() and isinstance(module, Linear)
                     and module.weight is not None and module.weight.dtype in _PACKABLE):
@@ -123,17 +126,18 @@ class CpuBackend:
             rope.cos, rope.sin = rope.cos.float().contiguous(), rope.sin.float().contiguous()
 
     def forward(self, model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
-                state: CpuStepState, logits_indices: torch.Tensor, use_graphs: bool = True) -> torch.Tensor:
+                state: CpuStepState, logits_indices: torch.Tensor, use_graphs: bool = True,
+                greedy: bool = False) -> torch.Tensor:
         """One step. A pure-decode step without LoRA rows (`use_graphs`) runs every decoder
         layer in one C++ call where the model allows it (backends/cpu_decode.py); other steps
-        run the model's modules."""
+        run the model's modules. `greedy`: as LlamaForCausalLM.forward."""
         n = state.num_decode
         if (use_graphs and state.decode_tables is not None and n == input_ids.numel()
                 and len(logits_indices) == n):
             loop = self._decode_loop(model)
             if loop is not None and (loop.max_rows is None or n <= loop.max_rows):
-                return loop.run(model, input_ids, positions, self, state)
-        return model(input_ids, positions, self, state, logits_indices)
+                return loop.run(model, input_ids, positions, self, state, greedy)
+        return model(input_ids, positions, self, state, logits_indices, greedy)
 
     def _decode_loop(self, model: torch.nn.Module):
         cached = self._loop
@@ -252,6 +256,15 @@ class CpuBackend:
 # The one-row kernel's copies double the bfloat16 weights: by default they are made only while
 # they take at most this share of available memory (the default model's: 256 MiB).
 _GEMV_MEMORY_SHARE = 0.1
+
+
+def _want_greedy_head() -> bool:
+    """KILN_CPU_GREEDY_HEAD=0 turns the LM head's int8 screen for plain-greedy rows off (it
+    costs half the head's bf16 copy in memory); on by default where the CPU has AMX-INT8."""
+    setting = os.environ.get("KILN_CPU_GREEDY_HEAD", "1")
+    if setting not in ("0", "1"):
+        raise ValueError(f"KILN_CPU_GREEDY_HEAD={setting!r}: use 0 or 1")
+    return setting == "1" and cpu_ops.greedy_head_supported()
 
 
 def _want_gemv_copies(linears: list) -> bool:

@@ -37,16 +37,18 @@ class DecodeLoop:
     head_dim: int
     eps: float
 
-    def run(self, model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor, backend, state) -> torch.Tensor:
+    def run(self, model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor, backend, state,
+            greedy: bool = False) -> torch.Tensor:
         """Logits of every row of a pure-decode step, in the LM head's dtype: the sampler reads any
-        float dtype, and greedy rows (the common case) need no float32 copy of [rows, vocab]."""
+        float dtype, and greedy rows (the common case) need no float32 copy of [rows, vocab].
+        With `greedy`, token ids where the head can pick them (LlamaForCausalLM.head)."""
         h = model.embed_tokens(input_ids)
         residual = torch.ops.kiln_cpu.decode_layers(
             h, positions, state.slot_mapping, state.decode_tables, state.decode_lens, backend.kv,
             model.rope.cos, model.rope.sin, self.norms, self.linears, self.kinds,
             self.num_heads, self.num_kv_heads, self.head_dim, backend.block_size, self.eps, backend.scale,
         )
-        return model.lm_head(model.norm(residual))
+        return model.head(model.norm(residual), greedy)
 
 
 def enabled() -> bool:

@@ -190,8 +190,10 @@ class CudaBackend:
         return out.view(T, self.num_heads * self.head_dim)
 
     def forward(self, model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
-                state: CudaStepState, logits_indices: torch.Tensor, use_graphs: bool = True) -> torch.Tensor:
-        """Run one step on the device; float32 logits come back on the CPU for the sampler.
+                state: CudaStepState, logits_indices: torch.Tensor, use_graphs: bool = True,
+                greedy: bool = False) -> torch.Tensor:
+        """Run one step on the device; float32 logits come back on the CPU for the sampler
+        (`greedy` is the CPU backend's hint: here logits are always returned).
         Pure-decode steps replay a captured graph unless `use_graphs` is False (a batch whose
         rows carry LoRA adapters: the graphs were captured without them)."""
         n = state.num_decode

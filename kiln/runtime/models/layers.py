@@ -27,6 +27,11 @@ class RMSNorm(nn.Module):
 # uses it by default: one row (AVX512-BF16 dots). Where AMX runs the same copy at several rows,
 # the backend raises each linear's own limit (Linear.gemv_rows; bench/RESULTS.md).
 GEMV_MAX_ROWS = 1
+# Rows up to which Linear.greedy_argmax reads the int8 screen (kiln_cpu::greedy_head_bf16 takes up
+# to 64). Past 16 rows its tile products and the blocks it recomputes cost about what they save,
+# and more than that where the model is unsure (flat logits leave many blocks to recompute):
+# bench/greedy_head.py, bench/RESULTS.md.
+GREEDY_HEAD_MAX_ROWS = 16
 
 
 class Linear(nn.Module):
@@ -44,6 +49,7 @@ class Linear(nn.Module):
         self.packed: torch.Tensor | None = None  # a backend's prepacked copy of the weight
         self.gemv: torch.Tensor | None = None  # the CPU backend's copy for kiln_cpu::gemv_bf16
         self.gemv_rows = GEMV_MAX_ROWS  # rows up to which forward uses it
+        self.greedy = None  # an LM head's int8 screen for greedy_argmax (cpu_ops.GreedyScreen)
 
     def pack_mkldnn(self) -> None:
         """Prepack the weight for oneDNN; the dense copy is dropped to save memory.
@@ -62,6 +68,16 @@ class Linear(nn.Module):
     def uses_gemv(self, x: torch.Tensor) -> bool:
         """Whether forward(x) runs kiln_cpu::gemv_bf16 on the `gemv` copy."""
         return self.gemv is not None and x.dim() == 2 and x.shape[0] <= self.gemv_rows and x.stride(1) == 1
+
+    def greedy_argmax(self, x: torch.Tensor) -> torch.Tensor | None:
+        """argmax(forward(x)) per row (the first maximum), exactly, without writing the logits:
+        read from the int8 screen (`greedy`, the CPU backend's, for the LM head) where it has
+        one and forward(x) would take the gemv path; None where the caller should compute the
+        logits instead."""
+        if self.greedy is None or not self.uses_gemv(x) or x.shape[0] > GREEDY_HEAD_MAX_ROWS:
+            return None
+        tokens = torch.ops.kiln_cpu.greedy_head_bf16(x, self.gemv, self.greedy.q, self.greedy.stats)
+        return None if bool((tokens < 0).any()) else tokens  # -1: a row that is not finite
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_gemv(x):

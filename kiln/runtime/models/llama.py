@@ -108,9 +108,12 @@ class LlamaForCausalLM(nn.Module):
         backend: AttentionBackend,
         meta: Any,
         logits_indices: torch.Tensor,
+        greedy: bool = False,
     ) -> torch.Tensor:
         """Run the flat batch; return float32 logits [len(logits_indices), vocab] of the
-        tokens that are sampled (the last scheduled token of each sequence)."""
+        tokens that are sampled (the last scheduled token of each sequence), or with `greedy`
+        (every sampled row is plain greedy) their argmax token ids where the head can pick
+        them without the logits (see `head`)."""
         if self.tp is None:
             h = self.embed_tokens(input_ids)
         else:  # vocab-parallel: each rank embeds the ids in its rows, the sum is the embedding
@@ -124,10 +127,22 @@ class LlamaForCausalLM(nn.Module):
                 residual, x = self.layers[i + 1].input_layernorm.add_and_norm(residual, layer.mlp(x))
             else:  # the final norm runs on the sampled rows only
                 residual = residual + layer.mlp(x)
-        logits = self.lm_head(self.norm(residual[logits_indices]))
+        out = self.head(self.norm(residual[logits_indices]), greedy)
+        return out if out.dtype == torch.long else out.float()
+
+    def head(self, h: torch.Tensor, greedy: bool = False) -> torch.Tensor:
+        """The LM head on final-norm rows `h`: logits [rows, vocab] in the head's dtype, or, with
+        `greedy`, int64 token ids [rows] (each row's first maximum, the argmax of those logits)
+        where the head has a way to pick them without writing the logits (Linear.greedy_argmax)."""
+        if greedy and self.tp is None:
+            pick = getattr(self.lm_head, "greedy_argmax", None)
+            tokens = pick(h) if pick is not None else None
+            if tokens is not None:
+                return tokens
+        logits = self.lm_head(h)
         if self.tp is not None:  # vocab-parallel LM head: gather every rank's columns
             logits = self.tp.gather_vocab(logits)
-        return logits.float()
+        return logits
 
     @classmethod
     def from_folder(
