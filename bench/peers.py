@@ -317,6 +317,19 @@ def _find_tcmalloc() -> str | None:
     return None
 
 
+def cpu_description() -> str:
+    """The CPU's model name and the matrix instructions the kernels choose by (/proc/cpuinfo):
+    results from machines with and without AMX differ several-fold at 32-64 rows."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    isa = [f for f in ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni") if f in flags]
+    return f"{name or platform.machine()} ({', '.join(isa) or 'no AVX-512 BF16 or AMX'})"
+
+
 def _venv_python() -> str:
     return shutil.which("python3.11") or sys.executable
 
@@ -862,7 +875,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {n: {**peers[n].settings, "command": shlex.join(peers[n].argv),
                     "env": {k: v for k, v in peers[n].env.items() if v}} for n in ready}
     md = [f"Command: `{command}`", "",
-          f"Machine: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}; "
+          f"Machine: {os.cpu_count()} cores, {cpu_description()}, Python {platform.python_version()}; "
           f"model {gguf.name} (HF folder {hf_dir.name}); {repeats} round(s), medians; schedule: each server "
           "started once per round and runs every workload, rounds alternate servers.", "",
           "Workloads: " + "; ".join(f"{w.name}: {w.requests} requests, {w.concurrency} in flight, "
@@ -886,8 +899,8 @@ def main(argv: list[str] | None = None) -> int:
                   "steps of min(concurrency, requests) sequences at max(FLOPs / matmul rate at that "
                   "batch, bytes / bandwidth); llama.cpp's Q4_1 counted at its GGUF bytes and the better "
                   "of the two matmul rates. The rates are torch's (`torch.mm`, weights not pre-packed): "
-                  "at 1-8 rows a fixed cost per call (~70 us in bf16, where the weight is re-packed "
-                  "for AMX on every call) dominates them, so small-batch roofs are per-call-bound "
+                  "at 1-8 rows a fixed cost per call (~70 us in bf16, where oneDNN re-packs the weight "
+                  "on every call) dominates them, so small-batch roofs are per-call-bound "
                   "rather than bandwidth-bound (peers.json: `machine`, `roof_detail`).")
     md += ["", "Settings:"] + [f"- **{n}**: " + ", ".join(f"{k}={v}" for k, v in s.items() if k not in ("command", "env"))
                               for n, s in settings.items()]
@@ -898,7 +911,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "peers.md").write_text(text)
     (args.out / "peers.json").write_text(json.dumps(
         {"command": command, "load_average_at_start": load_start, "workloads": [asdict(w) for w in workloads], "prompt_tokens": prompt_lens,
-         "machine": machine, "roof_tokens_per_s": roofs, "roof_detail": roof_detail, "settings": settings, "runs": runs,
+         "cpu": cpu_description(), "machine": machine, "roof_tokens_per_s": roofs, "roof_detail": roof_detail, "settings": settings, "runs": runs,
          "startups": startups, "medians": agg}, indent=2, default=str))
     write_plot(agg, roofs, [w.name for w in workloads], args.out / "peers.png")
     print("\n" + text, flush=True)
