@@ -5,6 +5,10 @@ prefill paths (fresh short and long prompts, chunks over cached context)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -209,9 +213,8 @@ def test_backend_decode_and_prefill_match_references(kernel_built, kernel, dtype
 
 
 # -- the prefill kernel (kiln/kernels/cpu/paged_prefill.cpp) ----------------------------------
-def _has_amx() -> bool:
-    flags = open("/proc/cpuinfo").read()
-    return " amx_bf16" in flags and " amx_tile" in flags
+def _has_avx512_bf16() -> bool:
+    return " avx512_bf16" in open("/proc/cpuinfo").read()
 
 
 def _prefill_case(Hkv: int, G: int, D: int, block_size: int, cases: list[tuple[int, int]], lead: int, seed: int):
@@ -246,8 +249,9 @@ def test_paged_prefill_kernel_matches_float64_reference(kernel_built, Hkv, G, D,
     """Every prefill of a step in one call: fresh prompts (one query tile, several, a partial
     last one, 300 positions), chunks behind cached context (40 after 1,000; one token after 16),
     block sizes whose key tiles straddle blocks (8) or not (16, 32), GQA groups 1-8, head size
-    128; the decode rows ahead of the prefills are left untouched. Without AMX (or for an
-    unsupported shape) the kernel must say so and refuse, and the backend keeps SDPA."""
+    128; the decode rows ahead of the prefills are left untouched. AMX tiles where the CPU has
+    them, else AVX512-BF16 dot products; without AVX512-BF16 the kernel must say so and refuse,
+    and the backend keeps SDPA."""
     q, k, v, tables, starts, qlens, ctx = _prefill_case(Hkv, G, D, block_size, PREFILLS, lead=5, seed=G * D)
     # Each context's last block scores far above the rest: a running max that jumps late, after
     # output has accumulated (the kernel must rescale it, not just the sums).
@@ -257,9 +261,9 @@ def test_paged_prefill_kernel_matches_float64_reference(kernel_built, Hkv, G, D,
     out = torch.full((q.shape[0], Hkv, G, D), 7.0, dtype=torch.bfloat16)
     scale = D ** -0.5
     supported = cpu_ops.paged_prefill_supported(D, G)
-    assert supported == _has_amx()
+    assert supported == _has_avx512_bf16()
     if not supported:
-        with pytest.raises(RuntimeError, match="AMX"):
+        with pytest.raises(RuntimeError, match="AVX512-BF16"):
             cpu_ops.paged_prefill(out, q, k, v, tables, starts, qlens, ctx, block_size, scale)
         assert not CpuBackend(1, Hkv * G, Hkv, D, 8, block_size, torch.bfloat16).paged_prefill
         return
@@ -271,6 +275,19 @@ def test_paged_prefill_kernel_matches_float64_reference(kernel_built, Hkv, G, D,
         err = (out[s:s + n].view(n, Hkv * G, D).double() - ref).abs().max().item()
         # bfloat16 output rounding plus bf16 probabilities (as SDPA's bf16 kernel has them)
         assert err < 2e-2, (n, c, err)
+
+
+@pytest.mark.skipif(" amx_bf16" not in open("/proc/cpuinfo").read(),
+                    reason="this CPU has no AMX: the test above already ran the AVX512-BF16 kernel")
+def test_paged_prefill_avx512_kernel_on_an_amx_cpu(kernel_built):
+    """The AVX512-BF16 kernel (CPUs without AMX) against the same references, on a CPU that would
+    otherwise take the AMX kernel: KILN_CPU_AMX=0 keeps every kernel off the tiles."""
+    test = f"{__file__}::test_paged_prefill_kernel_matches_float64_reference"
+    env = dict(os.environ, KILN_CPU_AMX="0")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert "7 passed" in run.stdout, run.stdout[-1000:]
 
 
 def test_paged_prefill_kernel_refuses_bad_inputs(kernel_built):

@@ -89,7 +89,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 
 
 def paged_prefill_supported(head_dim: int, group: int) -> bool:
-    """Whether paged_prefill runs here for this head size and GQA group (a CPU with AMX-BF16)."""
+    """Whether paged_prefill runs here for this head size and GQA group (a CPU with AVX512-BF16;
+    AMX tiles where it has them)."""
     return bool(torch.ops.kiln_cpu.paged_prefill_supported(head_dim, group))
 
 

@@ -8,13 +8,19 @@
 #include <unistd.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 namespace kiln {
 
 // Linux hands AMX's tile state to a process only on request (asked once; oneDNN asks too).
-// False on kernels without AMX support: callers keep their other path.
+// False on kernels without AMX support, or with KILN_CPU_AMX=0 (to run and test the AVX-512
+// paths on an AMX machine): callers keep their other path.
 inline bool amx_ready() {
-  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  static const bool ok = [] {
+    const char* env = std::getenv("KILN_CPU_AMX");
+    if (env != nullptr && env[0] == '0' && env[1] == '\0') return false;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  }();
   return ok;
 }
 
@@ -34,7 +40,18 @@ struct alignas(64) TileConfig {
   }
 };
 
-// The P.V product's B operand from V rows: rows r0 and r1 (D bf16 each; nullptr reads as
+}  // namespace kiln
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace kiln {
+
+// The P.V product's B operand from V rows (AMX tiles, or AVX512-BF16 dot products that read the
+// same layout): rows r0 and r1 (D bf16 each; nullptr reads as
 // zeros) interleaved element by element into row `pair` of D/16 tiles [16 row pairs][16 dims],
 // so each 64-byte tile row holds 16 dims of two consecutive positions.
 class PairInterleave {

@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
@@ -28,11 +29,10 @@
 
 namespace {
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#define KILN_AMX 1
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define KILN_PREFILL 1
 constexpr int QT = 16;  // query positions per tile: an AMX tile's rows
 constexpr int KT = 32;  // keys per key tile: an AMX tile's bf16 columns (two 16-key score tiles)
-constexpr float kLazyMax = 8.f;  // head size 64: how far scores may pass the running max unrescaled
 
 // exp(x) for x <= 0, exactly 0 below -87 (masked keys are -inf; a denormal there would send
 // every later multiply-add down a slow microcode path). The fast form (vec.h): its 2.7e-6
@@ -41,8 +41,6 @@ constexpr float kLazyMax = 8.f;  // head size 64: how far scores may pass the ru
 inline __m512 exp_or_zero(__m512 x) {
   return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_GE_OQ), kiln::exp512_fast(x));
 }
-
-using kiln::amx_ready;
 
 // One query row's scores of a key tile (32 floats): scaled, causally masked (the row sees key
 // j0 + c iff c <= lim = its position - j0), stored back; returns their max.
@@ -113,6 +111,13 @@ void pack_keys(const uint16_t* k, const uint16_t* v, const int64_t* table, int64
   for (int c = 0; c < KT; c += 2)
     interleave.rows<D>(c < nk ? row(v, c) : nullptr, c + 1 < nk ? row(v, c + 1) : nullptr, out.v, c / 2);
 }
+
+#endif  // KILN_PREFILL
+
+#if defined(KILN_PREFILL) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define KILN_AMX 1
+constexpr float kLazyMax = 8.f;  // head size 64: how far scores may pass the running max unrescaled
+using kiln::amx_ready;
 
 template <int D, int G>
 void prefill_amx(const uint16_t* q, int64_t q_stride, const uint16_t* k, const uint16_t* v,
@@ -297,22 +302,152 @@ void prefill_amx(const uint16_t* q, int64_t q_stride, const uint16_t* k, const u
   });
 }
 
+#endif  // KILN_AMX
+
+#if defined(KILN_PREFILL)
+// CPUs with AVX512-BF16 but no AMX: the same tasks, packed keys and online softmax, with the two
+// products as AVX512-BF16 dot products laid out so that no score needs a horizontal sum. Scores:
+// a vector holds one query's 16 keys (the packed K half-tile: a dim pair of 16 keys per vector),
+// and each broadcast query dim pair multiplies it; 4 query rows share every key load. P.V: a
+// vector holds 16 output dims of one query (the packed V: a key pair of 16 dims per vector), and
+// each broadcast pair of probabilities multiplies it; 4 query rows share every value load.
+template <int D, int G>
+void prefill_avx(const uint16_t* q, int64_t q_stride, const uint16_t* k, const uint16_t* v,
+                 const int64_t* tables, int64_t max_blocks, const int64_t* starts, const int64_t* qlens,
+                 const int64_t* ctxlens, int64_t P, uint16_t* out, int64_t Hkv, int64_t block_size,
+                 float scale) {
+  constexpr int V16 = D / 16, DP = D / 2, R = 4;  // R query rows per register block
+  const int64_t slot_stride = Hkv * D, out_stride = Hkv * G * D;
+  std::vector<int64_t> first_pack(P + 1, 0), first_task(P + 1, 0);
+  for (int64_t p = 0; p < P; ++p) {
+    first_pack[p + 1] = first_pack[p] + Hkv * ((ctxlens[p] + KT - 1) / KT);
+    first_task[p + 1] = first_task[p] + Hkv * ((qlens[p] + QT - 1) / QT);
+  }
+  std::unique_ptr<PackedKeys<D>[]> packed(new PackedKeys<D>[first_pack[P]]);
+  at::parallel_for(0, first_pack[P], 8, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t p = std::upper_bound(first_pack.begin(), first_pack.end(), i) - first_pack.begin() - 1;
+      const int64_t tiles = (ctxlens[p] + KT - 1) / KT, local = i - first_pack[p];
+      pack_keys<D>(k, v, tables + p * max_blocks, block_size, slot_stride, local / tiles, (local % tiles) * KT,
+                   ctxlens[p], packed[i]);
+    }
+  });
+  at::parallel_for(0, first_task[P], 1, [&](int64_t begin, int64_t end) {
+    alignas(64) uint32_t qbuf[G][QT][DP];  // the tile's queries as dim pairs, rows past the prompt zero
+    alignas(64) float o[G][QT][D];         // running output (unnormalised)
+    alignas(64) float sbuf[QT][KT];        // one key tile's scores
+    alignas(64) uint32_t pbuf[QT][KT / 2]; // ... and probabilities as bf16 key pairs
+    alignas(64) float m[G][QT], l[G][QT], mnew[QT], sums[QT], alpha[QT];
+    const __m512 sv = _mm512_set1_ps(scale);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t p = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
+      const int64_t qlen = qlens[p], tiles = (qlen + QT - 1) / QT, local = task - first_task[p];
+      const int64_t h = local / tiles, j = local % tiles;
+      const int64_t i0 = (j % 2 == 0 ? j / 2 : tiles - 1 - j / 2) * QT;  // early and late tiles alike (as above)
+      const int nq = static_cast<int>(std::min<int64_t>(QT, qlen - i0));
+      const int nr = (nq + R - 1) / R * R;  // rows computed: whole register blocks
+      const int64_t qbase = ctxlens[p] - qlen + i0;
+      const int64_t row0 = starts[p] + i0;
+      const PackedKeys<D>* keys = packed.get() + first_pack[p] + h * ((ctxlens[p] + KT - 1) / KT);
+      std::memset(qbuf, 0, sizeof(qbuf));
+      for (int r = 0; r < nq; ++r)
+        for (int g = 0; g < G; ++g)
+          std::memcpy(qbuf[g][r], q + (row0 + r) * q_stride + (h * G + g) * D, D * sizeof(uint16_t));
+      std::memset(o, 0, sizeof(o));
+      for (int g = 0; g < G; ++g)
+        for (int r = 0; r < QT; ++r) {
+          m[g][r] = -std::numeric_limits<float>::infinity();
+          l[g][r] = 0.f;
+        }
+      const int64_t kend = qbase + nq;
+      for (int64_t j0 = 0, kt = 0; j0 < kend; j0 += KT, ++kt) {
+        const PackedKeys<D>& pk = keys[kt];
+        for (int g = 0; g < G; ++g) {
+          for (int r0 = 0; r0 < nr; r0 += R) {
+            __m512 acc[R][2];
+            for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+            for (int dp = 0; dp < DP; ++dp) {
+              const __m512bh k0 = (__m512bh)_mm512_load_si512(pk.k[dp / 16][0][dp % 16]);
+              const __m512bh k1 = (__m512bh)_mm512_load_si512(pk.k[dp / 16][1][dp % 16]);
+              for (int r = 0; r < R; ++r) {
+                const __m512bh qb = (__m512bh)_mm512_set1_epi32(static_cast<int>(qbuf[g][r0 + r][dp]));
+                acc[r][0] = _mm512_dpbf16_ps(acc[r][0], qb, k0);
+                acc[r][1] = _mm512_dpbf16_ps(acc[r][1], qb, k1);
+              }
+            }
+            for (int r = 0; r < R; ++r) {
+              _mm512_store_ps(&sbuf[r0 + r][0], acc[r][0]);
+              _mm512_store_ps(&sbuf[r0 + r][16], acc[r][1]);
+            }
+          }
+          for (int r = 0; r < nr; ++r) mnew[r] = std::max(m[g][r], scale_mask_row(sbuf[r], sv, qbase + r - j0));
+          // Every query sees key 0, so each row's max is finite from the first key tile on
+          // (rows past the prompt see it too: their limits only grow).
+          for (int r = 0; r < nr; ++r) {
+            alpha[r] = std::exp(m[g][r] - mnew[r]);
+            m[g][r] = mnew[r];
+            const __m512 mr = _mm512_set1_ps(mnew[r]);
+            const __m512 e0 = exp_or_zero(_mm512_sub_ps(_mm512_load_ps(&sbuf[r][0]), mr));
+            const __m512 e1 = exp_or_zero(_mm512_sub_ps(_mm512_load_ps(&sbuf[r][16]), mr));
+            sums[r] = _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
+            l[g][r] = l[g][r] * alpha[r] + sums[r];
+            // bf16 probabilities in key order: consecutive keys pair up as the packed V expects.
+            _mm512_store_si512(pbuf[r], (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+          }
+          for (int r0 = 0; r0 < nr; r0 += R) {
+            __m512 acc[R][V16];
+            for (int r = 0; r < R; ++r) {
+              const __m512 a = _mm512_set1_ps(alpha[r0 + r]);
+              for (int i = 0; i < V16; ++i) acc[r][i] = _mm512_mul_ps(_mm512_load_ps(&o[g][r0 + r][i * 16]), a);
+            }
+            for (int kp = 0; kp < KT / 2; ++kp) {
+              __m512bh vv[V16];
+              for (int i = 0; i < V16; ++i) vv[i] = (__m512bh)_mm512_load_si512(pk.v[i][kp]);
+              for (int r = 0; r < R; ++r) {
+                const __m512bh pb = (__m512bh)_mm512_set1_epi32(static_cast<int>(pbuf[r0 + r][kp]));
+                for (int i = 0; i < V16; ++i) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], pb, vv[i]);
+              }
+            }
+            for (int r = 0; r < R; ++r)
+              for (int i = 0; i < V16; ++i) _mm512_store_ps(&o[g][r0 + r][i * 16], acc[r][i]);
+          }
+        }
+      }
+      for (int g = 0; g < G; ++g)
+        for (int r = 0; r < nq; ++r) {
+          const __m512 inv = _mm512_set1_ps(1.f / l[g][r]);
+          uint16_t* orow = out + (row0 + r) * out_stride + (h * G + g) * D;
+          for (int i = 0; i < V16; ++i) kiln::f32x16_to_bf16(_mm512_mul_ps(_mm512_load_ps(&o[g][r][i * 16]), inv), orow + i * 16);
+        }
+    }
+  });
+}
+
 using Kernel = void (*)(const uint16_t*, int64_t, const uint16_t*, const uint16_t*, const int64_t*, int64_t,
                         const int64_t*, const int64_t*, const int64_t*, int64_t, uint16_t*, int64_t, int64_t,
                         float);
 
+// AMX tiles where the CPU grants them, else AVX512-BF16 dot products.
 Kernel kernel_for(int64_t D, int64_t G) {
-  if (!amx_ready()) return nullptr;
+#if defined(KILN_AMX)
+  if (amx_ready()) {
 #define KILN_CASE(d, g) \
-  if (D == d && G == g) return &prefill_amx<d, g>;
+    if (D == d && G == g) return &prefill_amx<d, g>;
+    KILN_ATTENTION_SHAPES(KILN_CASE)
+#undef KILN_CASE
+    return nullptr;
+  }
+#endif
+#define KILN_CASE(d, g) \
+  if (D == d && G == g) return &prefill_avx<d, g>;
   KILN_ATTENTION_SHAPES(KILN_CASE)
 #undef KILN_CASE
   return nullptr;
 }
-#endif
+#endif  // KILN_PREFILL
 
 bool paged_prefill_supported(int64_t head_dim, int64_t group) {
-#if defined(KILN_AMX)
+#if defined(KILN_PREFILL)
   return kernel_for(head_dim, group) != nullptr;
 #else
   (void)head_dim;
@@ -352,7 +487,7 @@ void paged_prefill(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
                     ctx[p] <= max_blocks * block_size,
                 "paged_prefill: prefill ", p, " has a bad start, query length or context length");
   if (P == 0) return;
-#if defined(KILN_AMX)
+#if defined(KILN_PREFILL)
   Kernel kernel = kernel_for(D, G);
   TORCH_CHECK(kernel != nullptr, "paged_prefill: no kernel for head size ", D, " and group ", G);
   kernel(reinterpret_cast<const uint16_t*>(q.const_data_ptr<c10::BFloat16>()), q.stride(0),
@@ -362,7 +497,7 @@ void paged_prefill(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
          reinterpret_cast<uint16_t*>(out.mutable_data_ptr<c10::BFloat16>()), Hkv, block_size,
          static_cast<float>(scale));
 #else
-  TORCH_CHECK(false, "paged_prefill: needs a CPU with AMX-BF16");
+  TORCH_CHECK(false, "paged_prefill: needs a CPU with AVX512-BF16");
 #endif
 }
 

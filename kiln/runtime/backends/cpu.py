@@ -6,8 +6,9 @@ be built (no compiler; float16), decodes are batched into one scaled_dot_product
 call per length group instead: each context gathered from its blocks into a padded [B, L]
 view with a padding mask. The query heads of a GQA group are laid out as several queries
 against their one KV head, so K/V are never repeated. Prefills (and prefill chunks): in
-bfloat16 on a CPU with AMX, kiln's C++ kernel (kiln/kernels/cpu/paged_prefill.cpp) runs all of
-a step's prefills in one call per layer, reading each context through its block table; else
+bfloat16 on a CPU with AVX512-BF16 (AMX tiles where it has them), kiln's C++ kernel
+(kiln/kernels/cpu/paged_prefill.cpp) runs all of a step's prefills in one call per layer,
+reading each context through its block table; else
 SDPA one sequence at a time, with a causal mask offset by the cached context.
 """
 
@@ -92,7 +93,7 @@ class CpuBackend:
 
         self.kernels = cpu_ops.load(cache_dir())  # False: no compiler here; pure-torch paths
         self.paged_decode = self.kernels and dtype in (torch.float32, torch.bfloat16)
-        # Prefill attention in one C++ call per layer (AMX tiles): bfloat16 on a CPU with AMX.
+        # Prefill attention in one C++ call per layer: bfloat16 on a CPU with AVX512-BF16.
         self.paged_prefill = (self.kernels and dtype == torch.bfloat16
                               and cpu_ops.paged_prefill_supported(head_dim, self.group))
         self._loop = None  # (model, its DecodeLoop or None), built at the first pure-decode step
