@@ -200,10 +200,12 @@ class ModelShape:
     def kv_bytes_per_token(self, bytes_per_value: float) -> float:
         return 2 * self.layers * self.kv_heads * self.head_dim * bytes_per_value
 
-    def flops_per_token(self, context: float) -> float:
-        """Forward FLOPs of one token attending to `context` earlier tokens."""
+    def flops_per_token(self, context: float, logits: bool = True) -> float:
+        """Forward FLOPs of one token attending to `context` earlier tokens; `logits=False` for
+        a prompt token before the last, whose LM head row no server computes."""
         attn = 2 * 2 * self.layers * self.heads * self.head_dim * context  # QK^T and PV
-        return 2 * self.linear_params() + attn
+        head = 0 if logits else self.vocab * self.hidden
+        return 2 * (self.linear_params() - head) + attn
 
 
 def decode_step_roof(shape: ModelShape, batch: int, context: float, flops_per_s: float,
@@ -224,8 +226,9 @@ def workload_roof(shape: ModelShape, prompt_tokens: list[int], prefix_tokens: in
     prefill_flops = 0.0
     for i, p in enumerate(prompt_tokens):
         start = prefix_tokens if (prefix_tokens and i > 0) else 0
-        # tokens start..p-1, each attending to its position
-        prefill_flops += (p - start) * shape.flops_per_token((start + p) / 2)
+        # tokens start..p-1, each attending to its position; only the last one's logits
+        prefill_flops += ((p - start - 1) * shape.flops_per_token((start + p - 1) / 2, logits=False)
+                          + shape.flops_per_token(p - 1))
     prefill_s = prefill_flops / prefill_flops_per_s
     batch = max(1, min(concurrency, n))
     mean_ctx = statistics.fmean(prompt_tokens) + max_tokens / 2
@@ -895,6 +898,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"weights read once per step: {shape.weight_bytes(2) / 1e6:.0f} MB in bf16, "
                   f"{shape.weight_bytes(4) / 1e6:.0f} MB in fp32, {gguf.stat().st_size / 1e6:.0f} MB as GGUF; "
                   f"KV cache {shape.kv_bytes_per_token(2) / 1e3:.1f} kB per token of context in bf16. "
+                  f"A prompt token before a prompt's last skips the LM head: "
+                  f"{shape.flops_per_token(0, logits=False) / 1e6:.0f} MFLOP. "
                   "Roof tokens/s: prefills at the 512-row matmul rate (a shared prefix once), decode "
                   "steps of min(concurrency, requests) sequences at max(FLOPs / matmul rate at that "
                   "batch, bytes / bandwidth); llama.cpp's Q4_1 counted at its GGUF bytes and the better "

@@ -224,3 +224,19 @@ def test_no_prompt_is_shared_between_workloads_or_with_their_warm_up():
                 head = " ".join(p.split()[:12])  # a prefix cache would hit on a shared start
                 assert head not in seen or seen[head] == (w.name, seed), (w.name, seed, seen.get(head))
                 seen[head] = (w.name, seed)
+
+
+def test_prefill_roof_computes_logits_for_each_prompts_last_token_only():
+    """Servers compute a prompt's LM head row for its last token only: the roof's prefill must
+    count the head once per prompt, not once per prompt token (which understates the roof)."""
+    shape = peers.ModelShape.from_config(SMOL)
+    kw = dict(max_tokens=1, concurrency=1, decode_flops_per_s=1e12, prefill_flops_per_s=1e11,
+              bytes_per_s=1e12, weight_bytes_per_param=2, kv_bytes=2)
+    head = 49152 * 576
+    body = shape.linear_params() - head
+    assert shape.flops_per_token(0) - shape.flops_per_token(0, logits=False) == 2 * head
+    r = peers.workload_roof(shape, [100, 100], 0, **kw)
+    # two prompts of 100 tokens: 200 x the layers' linears, 2 x the head, causal attention
+    attn = sum(4 * 30 * 9 * 64 * t for t in range(100))
+    expected = 2 * (100 * 2 * body + 2 * head + attn)
+    assert r["prefill_s"] * 1e11 == pytest.approx(expected, rel=0.01)
