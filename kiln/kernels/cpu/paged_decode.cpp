@@ -244,7 +244,8 @@ struct AvxWorker {
     for_each_row(k, sp.table, t_begin, sp.t_end, sp.block_size, slot_stride, h * D,
                  [&](const uint16_t* kr, int64_t t, const uint16_t* next) {
       if (sp.lead) {
-        // This position's V slot too: the V pass reads it right after this pass.
+        // K slots kAheadPositions ahead (the first ones all at the task's start), and this
+        // position's V slot: the V pass reads it right after this pass.
         if (t == t_begin)
           for (int64_t u = t + 1; u < std::min(sp.t_end, t + kAheadPositions); ++u)
             prefetch_slot_l2(sp.slot(k, sp.table, u), slot_stride);

@@ -112,6 +112,86 @@ void pack_keys(const uint16_t* k, const uint16_t* v, const int64_t* table, int64
     interleave.rows<D>(c < nk ? row(v, c) : nullptr, c + 1 < nk ? row(v, c + 1) : nullptr, out.v, c / 2);
 }
 
+// Pass 1 of both kernels: every (sequence, KV head, key tile) packed once, all query tiles of
+// the sequence then share it; and where each prefill's packs and tasks start.
+template <int D>
+struct PackedPrefills {
+  std::vector<int64_t> first_pack, first_task;
+  std::unique_ptr<PackedKeys<D>[]> keys;
+  // The packs of prefill p's KV head h.
+  const PackedKeys<D>* of(int64_t p, int64_t h, const int64_t* ctxlens) const {
+    return keys.get() + first_pack[p] + h * ((ctxlens[p] + KT - 1) / KT);
+  }
+};
+
+template <int D>
+PackedPrefills<D> pack_prefills(const uint16_t* k, const uint16_t* v, const int64_t* tables, int64_t max_blocks,
+                                const int64_t* qlens, const int64_t* ctxlens, int64_t P, int64_t Hkv,
+                                int64_t block_size) {
+  PackedPrefills<D> pp{std::vector<int64_t>(P + 1, 0), std::vector<int64_t>(P + 1, 0), nullptr};
+  for (int64_t p = 0; p < P; ++p) {
+    pp.first_pack[p + 1] = pp.first_pack[p] + Hkv * ((ctxlens[p] + KT - 1) / KT);
+    pp.first_task[p + 1] = pp.first_task[p] + Hkv * ((qlens[p] + QT - 1) / QT);
+  }
+  // Left uninitialised: pack_keys writes every element (a vector would zero them all first).
+  pp.keys.reset(new PackedKeys<D>[pp.first_pack[P]]);
+  at::parallel_for(0, pp.first_pack[P], 8, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t p = std::upper_bound(pp.first_pack.begin(), pp.first_pack.end(), i) - pp.first_pack.begin() - 1;
+      const int64_t tiles = (ctxlens[p] + KT - 1) / KT, local = i - pp.first_pack[p];
+      pack_keys<D>(k, v, tables + p * max_blocks, block_size, Hkv * D, local / tiles, (local % tiles) * KT,
+                   ctxlens[p], pp.keys[i]);
+    }
+  });
+  return pp;
+}
+
+// Pass 2's unit: (sequence p, KV head h, up to 16 query positions from i0) with the G heads of
+// its group.
+struct QueryTile {
+  int64_t p, h, i0, qbase, row0;  // qbase: position of the tile's first query; row0: its row of q
+  int nq;
+};
+
+inline QueryTile query_tile(const std::vector<int64_t>& first_task, const int64_t* starts, const int64_t* qlens,
+                            const int64_t* ctxlens, int64_t task) {
+  const int64_t p = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
+  const int64_t qlen = qlens[p], tiles = (qlen + QT - 1) / QT, local = task - first_task[p];
+  // A query tile's cost grows with its position (causal) and each thread gets one contiguous
+  // range of tasks: take a sequence's tiles first, last, second, second last... so that any
+  // range holds early and late tiles alike.
+  const int64_t h = local / tiles, j = local % tiles;
+  const int64_t i0 = (j % 2 == 0 ? j / 2 : tiles - 1 - j / 2) * QT;
+  return QueryTile{p, h, i0, ctxlens[p] - qlen + i0, starts[p] + i0, static_cast<int>(std::min<int64_t>(QT, qlen - i0))};
+}
+
+// A tile's queries (rows past the prompt zero), and its running output, max and sum reset.
+template <int D, int G>
+void start_tile(const QueryTile& t, const uint16_t* q, int64_t q_stride, uint16_t (*qbuf)[QT][D],
+                float (*o)[QT][D], float (*m)[QT], float (*l)[QT]) {
+  std::memset(qbuf, 0, sizeof(uint16_t) * G * QT * D);
+  for (int r = 0; r < t.nq; ++r)
+    for (int g = 0; g < G; ++g)
+      std::memcpy(qbuf[g][r], q + (t.row0 + r) * q_stride + (t.h * G + g) * D, D * sizeof(uint16_t));
+  std::memset(o, 0, sizeof(float) * G * QT * D);
+  for (int g = 0; g < G; ++g)
+    for (int r = 0; r < QT; ++r) {
+      m[g][r] = -std::numeric_limits<float>::infinity();
+      l[g][r] = 0.f;
+    }
+}
+
+// The tile's output rows: the running output over its sum, in bf16.
+template <int D, int G>
+void finish_tile(const QueryTile& t, const float (*o)[QT][D], const float (*l)[QT], uint16_t* out, int64_t Hkv) {
+  for (int g = 0; g < G; ++g)
+    for (int r = 0; r < t.nq; ++r) {
+      const __m512 inv = _mm512_set1_ps(1.f / l[g][r]);
+      uint16_t* orow = out + (t.row0 + r) * Hkv * G * D + (t.h * G + g) * D;
+      for (int i = 0; i < D / 16; ++i) kiln::f32x16_to_bf16(_mm512_mul_ps(_mm512_load_ps(&o[g][r][i * 16]), inv), orow + i * 16);
+    }
+}
+
 #endif  // KILN_PREFILL
 
 #if defined(KILN_PREFILL) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
@@ -125,25 +205,8 @@ void prefill_amx(const uint16_t* q, int64_t q_stride, const uint16_t* k, const u
                  const int64_t* ctxlens, int64_t P, uint16_t* out, int64_t Hkv, int64_t block_size,
                  float scale) {
   constexpr int V16 = D / 16;
-  const int64_t slot_stride = Hkv * D, out_stride = Hkv * G * D;
-  // Pass 1: pack every (sequence, KV head, key tile) once; all query tiles then share it.
-  std::vector<int64_t> first_pack(P + 1, 0), first_task(P + 1, 0);
-  for (int64_t p = 0; p < P; ++p) {
-    first_pack[p + 1] = first_pack[p] + Hkv * ((ctxlens[p] + KT - 1) / KT);
-    first_task[p + 1] = first_task[p] + Hkv * ((qlens[p] + QT - 1) / QT);
-  }
-  // Left uninitialised: pack_keys writes every element (a vector would zero them all first).
-  std::unique_ptr<PackedKeys<D>[]> packed(new PackedKeys<D>[first_pack[P]]);
-  at::parallel_for(0, first_pack[P], 8, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t p = std::upper_bound(first_pack.begin(), first_pack.end(), i) - first_pack.begin() - 1;
-      const int64_t tiles = (ctxlens[p] + KT - 1) / KT, local = i - first_pack[p];
-      pack_keys<D>(k, v, tables + p * max_blocks, block_size, slot_stride, local / tiles, (local % tiles) * KT,
-                   ctxlens[p], packed[i]);
-    }
-  });
-  // Pass 2: a task is (sequence, KV head, 16 query positions) with the G heads of its group.
-  at::parallel_for(0, first_task[P], 1, [&](int64_t begin, int64_t end) {
+  const PackedPrefills<D> pp = pack_prefills<D>(k, v, tables, max_blocks, qlens, ctxlens, P, Hkv, block_size);
+  at::parallel_for(0, pp.first_task[P], 1, [&](int64_t begin, int64_t end) {
     kiln::TileConfig cfg(8);
     _tile_loadconfig(&cfg);
     alignas(64) uint16_t qbuf[G][QT][D];  // the tile's queries, rows past the prompt zero
@@ -154,27 +217,11 @@ void prefill_amx(const uint16_t* q, int64_t q_stride, const uint16_t* k, const u
     alignas(64) float m[G][QT], l[G][QT], mnew[QT], sums[QT], alpha[QT];
     const __m512 sv = _mm512_set1_ps(scale);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t p = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
-      const int64_t qlen = qlens[p], tiles = (qlen + QT - 1) / QT, local = task - first_task[p];
-      // A query tile's cost grows with its position (causal) and each thread gets one
-      // contiguous range of tasks: take a sequence's tiles first, last, second, second last...
-      // so that any range holds early and late tiles alike.
-      const int64_t h = local / tiles, j = local % tiles;
-      const int64_t i0 = (j % 2 == 0 ? j / 2 : tiles - 1 - j / 2) * QT;
-      const int nq = static_cast<int>(std::min<int64_t>(QT, qlen - i0));
-      const int64_t qbase = ctxlens[p] - qlen + i0;  // position of the tile's first query
-      const int64_t row0 = starts[p] + i0;
-      const PackedKeys<D>* keys = packed.get() + first_pack[p] + h * ((ctxlens[p] + KT - 1) / KT);
-      std::memset(qbuf, 0, sizeof(qbuf));
-      for (int r = 0; r < nq; ++r)
-        for (int g = 0; g < G; ++g)
-          std::memcpy(qbuf[g][r], q + (row0 + r) * q_stride + (h * G + g) * D, D * sizeof(uint16_t));
-      std::memset(o, 0, sizeof(o));
-      for (int g = 0; g < G; ++g)
-        for (int r = 0; r < QT; ++r) {
-          m[g][r] = -std::numeric_limits<float>::infinity();
-          l[g][r] = 0.f;
-        }
+      const QueryTile t = query_tile(pp.first_task, starts, qlens, ctxlens, task);
+      const int nq = t.nq;
+      const int64_t qbase = t.qbase;
+      const PackedKeys<D>* keys = pp.of(t.p, t.h, ctxlens);
+      start_tile<D, G>(t, q, q_stride, qbuf, o, m, l);
       const int64_t kend = qbase + nq;  // keys [0, kend): the last query's causal limit
       if constexpr (D == 64) {
         // Head size 64: a head's whole output is four tiles (tmm4-7), so P.V accumulates in
@@ -291,12 +338,7 @@ void prefill_amx(const uint16_t* q, int64_t q_stride, const uint16_t* k, const u
           }
         }
       }
-      for (int g = 0; g < G; ++g)
-        for (int r = 0; r < nq; ++r) {
-          const __m512 inv = _mm512_set1_ps(1.f / l[g][r]);
-          uint16_t* orow = out + (row0 + r) * out_stride + (h * G + g) * D;
-          for (int i = 0; i < V16; ++i) kiln::f32x16_to_bf16(_mm512_mul_ps(_mm512_load_ps(&o[g][r][i * 16]), inv), orow + i * 16);
-        }
+      finish_tile<D, G>(t, o, l, out, Hkv);
     }
     _tile_release();
   });
@@ -317,48 +359,21 @@ void prefill_avx(const uint16_t* q, int64_t q_stride, const uint16_t* k, const u
                  const int64_t* ctxlens, int64_t P, uint16_t* out, int64_t Hkv, int64_t block_size,
                  float scale) {
   constexpr int V16 = D / 16, DP = D / 2, R = 4;  // R query rows per register block
-  const int64_t slot_stride = Hkv * D, out_stride = Hkv * G * D;
-  std::vector<int64_t> first_pack(P + 1, 0), first_task(P + 1, 0);
-  for (int64_t p = 0; p < P; ++p) {
-    first_pack[p + 1] = first_pack[p] + Hkv * ((ctxlens[p] + KT - 1) / KT);
-    first_task[p + 1] = first_task[p] + Hkv * ((qlens[p] + QT - 1) / QT);
-  }
-  std::unique_ptr<PackedKeys<D>[]> packed(new PackedKeys<D>[first_pack[P]]);
-  at::parallel_for(0, first_pack[P], 8, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t p = std::upper_bound(first_pack.begin(), first_pack.end(), i) - first_pack.begin() - 1;
-      const int64_t tiles = (ctxlens[p] + KT - 1) / KT, local = i - first_pack[p];
-      pack_keys<D>(k, v, tables + p * max_blocks, block_size, slot_stride, local / tiles, (local % tiles) * KT,
-                   ctxlens[p], packed[i]);
-    }
-  });
-  at::parallel_for(0, first_task[P], 1, [&](int64_t begin, int64_t end) {
-    alignas(64) uint32_t qbuf[G][QT][DP];  // the tile's queries as dim pairs, rows past the prompt zero
+  const PackedPrefills<D> pp = pack_prefills<D>(k, v, tables, max_blocks, qlens, ctxlens, P, Hkv, block_size);
+  at::parallel_for(0, pp.first_task[P], 1, [&](int64_t begin, int64_t end) {
+    alignas(64) uint16_t qbuf[G][QT][D];   // the tile's queries, rows past the prompt zero
     alignas(64) float o[G][QT][D];         // running output (unnormalised)
     alignas(64) float sbuf[QT][KT];        // one key tile's scores
     alignas(64) uint32_t pbuf[QT][KT / 2]; // ... and probabilities as bf16 key pairs
     alignas(64) float m[G][QT], l[G][QT], mnew[QT], sums[QT], alpha[QT];
     const __m512 sv = _mm512_set1_ps(scale);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t p = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
-      const int64_t qlen = qlens[p], tiles = (qlen + QT - 1) / QT, local = task - first_task[p];
-      const int64_t h = local / tiles, j = local % tiles;
-      const int64_t i0 = (j % 2 == 0 ? j / 2 : tiles - 1 - j / 2) * QT;  // early and late tiles alike (as above)
-      const int nq = static_cast<int>(std::min<int64_t>(QT, qlen - i0));
+      const QueryTile t = query_tile(pp.first_task, starts, qlens, ctxlens, task);
+      const int nq = t.nq;
       const int nr = (nq + R - 1) / R * R;  // rows computed: whole register blocks
-      const int64_t qbase = ctxlens[p] - qlen + i0;
-      const int64_t row0 = starts[p] + i0;
-      const PackedKeys<D>* keys = packed.get() + first_pack[p] + h * ((ctxlens[p] + KT - 1) / KT);
-      std::memset(qbuf, 0, sizeof(qbuf));
-      for (int r = 0; r < nq; ++r)
-        for (int g = 0; g < G; ++g)
-          std::memcpy(qbuf[g][r], q + (row0 + r) * q_stride + (h * G + g) * D, D * sizeof(uint16_t));
-      std::memset(o, 0, sizeof(o));
-      for (int g = 0; g < G; ++g)
-        for (int r = 0; r < QT; ++r) {
-          m[g][r] = -std::numeric_limits<float>::infinity();
-          l[g][r] = 0.f;
-        }
+      const int64_t qbase = t.qbase;
+      const PackedKeys<D>* keys = pp.of(t.p, t.h, ctxlens);
+      start_tile<D, G>(t, q, q_stride, qbuf, o, m, l);
       const int64_t kend = qbase + nq;
       for (int64_t j0 = 0, kt = 0; j0 < kend; j0 += KT, ++kt) {
         const PackedKeys<D>& pk = keys[kt];
@@ -370,7 +385,9 @@ void prefill_avx(const uint16_t* q, int64_t q_stride, const uint16_t* k, const u
               const __m512bh k0 = (__m512bh)_mm512_load_si512(pk.k[dp / 16][0][dp % 16]);
               const __m512bh k1 = (__m512bh)_mm512_load_si512(pk.k[dp / 16][1][dp % 16]);
               for (int r = 0; r < R; ++r) {
-                const __m512bh qb = (__m512bh)_mm512_set1_epi32(static_cast<int>(qbuf[g][r0 + r][dp]));
+                uint32_t pair;  // query dims 2 dp, 2 dp + 1
+                std::memcpy(&pair, &qbuf[g][r0 + r][2 * dp], 4);
+                const __m512bh qb = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
                 acc[r][0] = _mm512_dpbf16_ps(acc[r][0], qb, k0);
                 acc[r][1] = _mm512_dpbf16_ps(acc[r][1], qb, k1);
               }
@@ -413,12 +430,7 @@ void prefill_avx(const uint16_t* q, int64_t q_stride, const uint16_t* k, const u
           }
         }
       }
-      for (int g = 0; g < G; ++g)
-        for (int r = 0; r < nq; ++r) {
-          const __m512 inv = _mm512_set1_ps(1.f / l[g][r]);
-          uint16_t* orow = out + (row0 + r) * out_stride + (h * G + g) * D;
-          for (int i = 0; i < V16; ++i) kiln::f32x16_to_bf16(_mm512_mul_ps(_mm512_load_ps(&o[g][r][i * 16]), inv), orow + i * 16);
-        }
+      finish_tile<D, G>(t, o, l, out, Hkv);
     }
   });
 }
