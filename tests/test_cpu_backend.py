@@ -485,7 +485,7 @@ def test_gemv_bf16_matches_float64(kernel_built, M, N, K):
     """Every output of every row against float64 sums of the same bfloat16 values (K with an
     odd number of column pairs, a strided x); the one rounding to bfloat16 is the only error.
     2-64 rows with K a multiple of 32 take the AMX tile path where the CPU has it (partial
-    16-row tiles: 17, 33); 65 rows and K=6 the per-row loop."""
+    16-row tiles: 17, 33), else passes of up to 6 rows; 65 rows the per-row loop."""
     g = torch.Generator().manual_seed(N + K)
     w = torch.randn(N, K, generator=g).bfloat16()
     x = torch.randn(M, K + 8, generator=g).bfloat16()[:, 4:K + 4]  # row stride K + 8, unit inner stride
@@ -503,11 +503,47 @@ def test_gemv_bf16_matches_float64(kernel_built, M, N, K):
 
 
 def test_gemv_bf16_max_rows_follows_the_cpu(kernel_built):
-    """64 rows where AMX runs the tile path, one where only AVX512-BF16 dots do (the engine's
-    linears carrying that limit: tests/test_cpu_decode_loop.py)."""
-    flags = open("/proc/cpuinfo").read()
-    amx = " amx_bf16" in flags and " amx_tile" in flags
-    assert cpu_ops.gemv_bf16_max_rows() == (64 if amx and cpu_ops.gemv_bf16_supported() else 1)
+    """64 rows wherever the kernel runs (AMX tiles, or AVX512-BF16 passes of 6 rows), one where
+    it does not (the engine's linears carrying that limit: tests/test_cpu_decode_loop.py)."""
+    assert cpu_ops.gemv_bf16_max_rows() == (64 if cpu_ops.gemv_bf16_supported() else 1)
+
+
+_AMX_CPU = " amx_bf16" in open("/proc/cpuinfo").read()
+_ROWS_CASES = [(2, 960, 576), (5, 48, 6), (6, 16, 34), (7, 576, 1536), (13, 32, 64), (33, 48, 96), (64, 3072, 576)]
+
+
+@pytest.mark.skipif(_AMX_CPU and os.environ.get("KILN_CPU_AMX") != "0",
+                    reason="AMX tiles round differently; the test below runs this one with KILN_CPU_AMX=0")
+@pytest.mark.parametrize("M,N,K", _ROWS_CASES)
+def test_gemv_bf16_rows_together_give_each_rows_own_bits(kernel_built, M, N, K):
+    """Without AMX, 2-64 rows run in passes of up to 6 rows over pairs of weight blocks, each
+    output summed as the one-row kernel sums it: a row's bits must not depend on the rows it is
+    batched with (partial passes, an odd number of blocks N/16 and of column pairs K/2, a
+    strided x), for the plain linear and the one with SwiGLU fused."""
+    if not cpu_ops.gemv_bf16_supported():
+        pytest.skip("this CPU has no AVX512-BF16: kiln keeps oneDNN (the refusal is tested above)")
+    g = torch.Generator().manual_seed(M * N + K)
+    w = (torch.randn(N, K, generator=g) * 0.3).bfloat16()
+    x = torch.randn(M, K + 8, generator=g).bfloat16()[:, 4:K + 4]
+    packed = cpu_ops.pack_gemv_bf16(w)
+    together = cpu_ops.gemv_bf16(x, packed)
+    alone = torch.cat([cpu_ops.gemv_bf16(x[i:i + 1], packed) for i in range(M)])
+    assert torch.equal(together.view(torch.int16), alone.view(torch.int16))
+    if N % 32 == 0:
+        together = cpu_ops.gemv_silu_bf16(x, packed)
+        alone = torch.cat([cpu_ops.gemv_silu_bf16(x[i:i + 1], packed) for i in range(M)])
+        assert torch.equal(together.view(torch.int16), alone.view(torch.int16))
+
+
+@pytest.mark.skipif(not _AMX_CPU, reason="this CPU has no AMX: the test above ran the AVX512-BF16 passes")
+def test_gemv_bf16_avx512_rows_on_an_amx_cpu(kernel_built):
+    """The AVX512-BF16 row passes on a CPU that would otherwise take the AMX tiles."""
+    test = f"{__file__}::test_gemv_bf16_rows_together_give_each_rows_own_bits"
+    env = dict(os.environ, KILN_CPU_AMX="0")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert f"{len(_ROWS_CASES)} passed" in run.stdout, run.stdout[-1000:]
 
 
 def test_gemv_bf16_refuses_bad_shapes(kernel_built):

@@ -250,12 +250,145 @@ void with_row_tiles(int64_t M, F&& f) {
 }
 #endif
 
-// Rows up to which gemv_bf16 should be preferred to oneDNN: many with AMX, else one.
+#if KILN_GEMV
+// Several rows without AMX (AVX512-BF16 dot products on the same copy). oneDNN computes these
+// shapes at its full rate while a weight sits in cache, but a decode step reads every weight
+// from memory once, and there oneDNN loses a fifth of its rate waiting on it. Here the weight is
+// read one block pair at a time: the pass of the first rows over a pair asks for the next pair
+// into L2 while it computes, the passes of the other rows find the pair in L1/L2. Each output
+// is summed exactly as gemv_block sums it (even column pairs, odd column pairs, then the two), so
+// a row's bits do not depend on how many rows it is computed with.
+constexpr int kAvxRows = 6;  // rows a pass: 6 x 2 blocks x (even, odd) = 24 float32 accumulators
+constexpr int64_t kAvxMaxRows = 64;  // rows up to which gemv_bf16 takes this path
+
+// sum[r][j] = x row r . block j, for R rows (row stride xs) and NB blocks at w[j] ([K/2, 16, 2]).
+// next[j] (or nullptr): the blocks to compute after these, asked for into L2 a line of each a
+// step from byte `pf` on (advanced; `pf_end`: a block's bytes).
+template <int R, int NB>
+inline __attribute__((always_inline)) void rows_dot(const uint16_t* x, int64_t xs, const uint16_t* const* w,
+                                                    int64_t K, const uint16_t* const* next, int64_t& pf,
+                                                    int64_t pf_end, __m512 (&sum)[R][NB]) {
+  __m512 even[R][NB], odd[R][NB];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NB; ++j) even[r][j] = odd[r][j] = _mm512_setzero_ps();
+  auto bcast = [&](int r, int64_t p) {
+    uint32_t v;
+    std::memcpy(&v, x + r * xs + 2 * p, 4);
+    return (__m512bh)_mm512_set1_epi32(v);
+  };
+  const int64_t pairs = K / 2;
+  int64_t p = 0;
+  for (; p + 2 <= pairs; p += 2) {
+    if (pf < pf_end) {
+      for (int j = 0; j < NB; ++j) _mm_prefetch(reinterpret_cast<const char*>(next[j]) + pf, _MM_HINT_T1);
+      pf += 64;
+    }
+    __m512bh we[NB], wo[NB];
+    for (int j = 0; j < NB; ++j) {
+      we[j] = (__m512bh)_mm512_loadu_si512(w[j] + p * 32);
+      wo[j] = (__m512bh)_mm512_loadu_si512(w[j] + (p + 1) * 32);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xe = bcast(r, p), xo = bcast(r, p + 1);
+      for (int j = 0; j < NB; ++j) {
+        even[r][j] = _mm512_dpbf16_ps(even[r][j], we[j], xe);
+        odd[r][j] = _mm512_dpbf16_ps(odd[r][j], wo[j], xo);
+      }
+    }
+  }
+  if (p < pairs) {
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xe = bcast(r, p);
+      for (int j = 0; j < NB; ++j) even[r][j] = _mm512_dpbf16_ps(even[r][j], (__m512bh)_mm512_loadu_si512(w[j] + p * 32), xe);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NB; ++j) sum[r][j] = _mm512_add_ps(even[r][j], odd[r][j]);
+}
+
+// f(std::integral_constant<int, R>{}) for R = 1..kAvxRows.
+template <typename F>
+inline void with_rows(int64_t R, F&& f) {
+  switch (R) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    default: f(std::integral_constant<int, 6>{}); break;
+  }
+}
+
+// All M rows against the NB blocks at w[] (next[]: the blocks that follow, to ask for; nullptr
+// at the end), then epilogue(r0, sum) for each pass of rows r0 ...
+template <int NB, typename Epilogue>
+void blocks_avx(const uint16_t* x, int64_t xs, int64_t M, int64_t K, const uint16_t* const* w,
+                const uint16_t* const* next, Epilogue&& epilogue) {
+  int64_t pf = 0;
+  const int64_t pf_end = next[0] == nullptr ? 0 : K * kBlock * int64_t(sizeof(uint16_t));
+  for (int64_t r0 = 0; r0 < M; r0 += kAvxRows) {
+    with_rows(std::min<int64_t>(kAvxRows, M - r0), [&](auto rows) {
+      constexpr int R = decltype(rows)::value;
+      __m512 sum[R][NB];
+      rows_dot<R, NB>(x + r0 * xs, xs, w, K, next, pf, pf_end, sum);
+      epilogue(r0, sum);
+    });
+  }
+}
+
+// gemv_bf16 for 2-64 rows: tasks of two blocks.
+void gemm_avx(const uint16_t* x, int64_t xs, const uint16_t* w, int64_t M, int64_t K, int64_t blocks, uint16_t* y) {
+  const int64_t N = blocks * kBlock, block = K * kBlock;
+  kiln::parallel_claims((blocks + 1) / 2, [&](auto claim) {
+    for (int64_t task; (task = claim()) >= 0;) {
+      const int64_t b = 2 * task;
+      const uint16_t* wb[2] = {w + b * block, w + (b + 1) * block};
+      // the blocks this thread most likely claims next (claims run in order within a thread)
+      const uint16_t* next[2] = {b + 3 < blocks ? w + (b + 2) * block : nullptr, w + (b + 3) * block};
+      auto store = [&](int64_t r0, auto& sum) {
+        constexpr int R = std::extent_v<std::remove_reference_t<decltype(sum)>>;
+        constexpr int NB = std::extent_v<std::remove_reference_t<decltype(sum)>, 1>;
+        for (int r = 0; r < R; ++r)
+          for (int j = 0; j < NB; ++j)
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + (r0 + r) * N + (b + j) * kBlock),
+                                (__m256i)_mm512_cvtneps_pbh(sum[r][j]));
+      };
+      if (b + 1 < blocks)
+        blocks_avx<2>(x, xs, M, K, wb, next, store);
+      else
+        blocks_avx<1>(x, xs, M, K, wb, next, store);
+    }
+  });
+}
+
+// gemv_silu_bf16 for 2-64 rows: gate block b with up block b + blocks / 2, each rounded to
+// bfloat16 as gemv_bf16 writes it before the SwiGLU (the bits of the one-row path).
+void gemm_silu_avx(const uint16_t* x, int64_t xs, const uint16_t* w, int64_t M, int64_t K, int64_t blocks,
+                   uint16_t* y) {
+  const int64_t half = blocks / 2, I = half * kBlock, block = K * kBlock;
+  auto as_bf16 = [](__m512 v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+  };
+  kiln::parallel_claims(half, [&](auto claim) {
+    for (int64_t b; (b = claim()) >= 0;) {
+      const uint16_t* wb[2] = {w + b * block, w + (b + half) * block};
+      const uint16_t* next[2] = {b + 1 < half ? w + (b + 1) * block : nullptr, w + (b + 1 + half) * block};
+      blocks_avx<2>(x, xs, M, K, wb, next, [&](int64_t r0, auto& sum) {
+        constexpr int R = std::extent_v<std::remove_reference_t<decltype(sum)>>;
+        for (int r = 0; r < R; ++r)
+          kiln::f32x16_to_bf16(kiln::silu_mul512(as_bf16(sum[r][0]), as_bf16(sum[r][1])), y + (r0 + r) * I + b * kBlock);
+      });
+    }
+  });
+}
+#endif
+
+// Rows up to which gemv_bf16 should be preferred to oneDNN (bench/gemv.py, bench/RESULTS.md).
 int64_t gemv_bf16_max_rows() {
 #if KILN_GEMV_AMX
   if (amx_ready()) return kAmxMaxRows;
 #endif
-  return 1;
+  return KILN_GEMV ? kAvxMaxRows : 1;
 }
 
 
@@ -285,6 +418,10 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& packed) {
     return y;
   }
 #endif
+  if (M > 1 && M <= kAvxMaxRows) {
+    gemm_avx(xp, x_stride, wp, M, K, blocks, yp);
+    return y;
+  }
   kiln::parallel_claims((blocks + kTaskBlocks - 1) / kTaskBlocks, [&](auto claim) {
     for (int64_t task; (task = claim()) >= 0;)
       for (int64_t b = task * kTaskBlocks; b < std::min(blocks, (task + 1) * kTaskBlocks); ++b)
@@ -315,6 +452,10 @@ at::Tensor gemv_silu_bf16(const at::Tensor& x, const at::Tensor& packed) {
     return y;
   }
 #endif
+  if (M > 1 && M <= kAvxMaxRows) {
+    gemm_silu_avx(xp, x_stride, wp, M, K, blocks, yp);
+    return y;
+  }
   kiln::parallel_claims((half + kTaskBlocks - 1) / kTaskBlocks, [&](auto claim) {
     alignas(64) uint16_t gate[kBlock], up[kBlock];
     for (int64_t task; (task = claim()) >= 0;)
