@@ -277,6 +277,24 @@ def measure_machine(shape: ModelShape, batches: Iterable[int], threads: int, qui
     return out
 
 
+def median_machine(probes: list[dict]) -> dict:
+    """One machine measurement from several: the median of each rate and of the bandwidth."""
+    out: dict = {"threads": probes[0]["threads"], "matmul": {}, "probes": len(probes)}
+    for dtype, rates in probes[0]["matmul"].items():
+        out["matmul"][dtype] = {b: statistics.median(p["matmul"][dtype][b] for p in probes) for b in rates}
+    out["bandwidth_bytes_per_s"] = statistics.median(p["bandwidth_bytes_per_s"] for p in probes)
+    return out
+
+
+def probe_range(probes: list[dict], dtype: str | None, batch: str) -> str:
+    """'median (min-max)' in GFLOP/s of a matmul rate (dtype None: the bandwidth, in GB/s)."""
+    values = [(p["bandwidth_bytes_per_s"] if dtype is None else p["matmul"][dtype][batch]) / 1e9 for p in probes]
+    text = f"{statistics.median(values):.0f}" if dtype else f"{statistics.median(values):.1f}"
+    if len(values) > 1:
+        text += f" ({min(values):.0f}-{max(values):.0f})" if dtype else f" ({min(values):.1f}-{max(values):.1f})"
+    return text
+
+
 def rate_for(machine: dict, dtype: str, batch: int) -> float:
     """The measured matmul rate for a dtype at the measured batch nearest `batch`."""
     table = machine["matmul"]["bfloat16" if dtype == "q4_1" else dtype]
@@ -810,40 +828,36 @@ def main(argv: list[str] | None = None) -> int:
                for w in workloads}
     prompt_lens = {w.name: [len(tok.encode(p)) for p in prompts[w.name]] for w in workloads}
 
-    machine: dict = {}
-    roofs: dict[str, dict[str, float]] = {}
-    roof_detail: dict[str, dict[str, dict]] = {}
-    if not args.no_roof:
-        print("measuring the machine (matmul rates, memory bandwidth)...", flush=True)
-        # the decode batches the roofs need: min(concurrency, requests) of every workload
-        machine = measure_machine(shape, sorted({1, 8, 32, 64} | {max(1, min(w.concurrency, w.requests))
-                                                                   for w in workloads}),
-                                  args.threads, args.quick)
-        gguf_bytes_per_param = gguf.stat().st_size / (shape.linear_params() + shape.hidden * shape.vocab * (0 if shape.tied else 1))
-        for name in ready:
-            p = peers[name]
-            wbytes = {"bfloat16": 2, "float32": 4}.get(p.dtype, gguf_bytes_per_param)
-            kvbytes = {"float32": 4}.get(p.dtype, 2)  # llama.cpp's KV cache is f16
-            roofs[name], roof_detail[name] = {}, {}
-            for w in workloads:
-                batch = max(1, min(w.concurrency, w.requests))
-                r = workload_roof(shape, prompt_lens[w.name], w.prefix_tokens, w.max_tokens, w.concurrency,
-                                  rate_for(machine, p.dtype, batch), rate_for(machine, p.dtype, 512),
-                                  machine["bandwidth_bytes_per_s"], wbytes, kvbytes)
-                roofs[name][w.name] = r["tokens_per_s"]
-                roof_detail[name][w.name] = r
-        mm = machine["matmul"]
+    # The roof's matmul rates and bandwidth move by up to ~15 % over minutes on a shared VM, as
+    # the servers' figures do: the machine is probed before every round (the servers stopped)
+    # and the roof uses the median of the probes, as each figure is the median of its rounds.
+    batches = sorted({1, 8, 32, 64} | {max(1, min(w.concurrency, w.requests)) for w in workloads})
+    probes: list[dict] = []
+
+    def probe(label: str) -> None:
+        if args.no_roof:
+            return
+        print(f"measuring the machine ({label}: matmul rates, memory bandwidth)...", flush=True)
+        probes.append(measure_machine(shape, batches, args.threads, args.quick))
+        mm = probes[-1]["matmul"]
         print(f"  bf16 GFLOP/s by rows: { {b: round(v / 1e9) for b, v in mm['bfloat16'].items()} }\n"
               f"  fp32 GFLOP/s by rows: { {b: round(v / 1e9) for b, v in mm['float32'].items()} }\n"
-              f"  memory read bandwidth: {machine['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s\n"
-              f"  model: {shape.linear_params() / 1e6:.1f} M linear params, "
+              f"  memory read bandwidth: {probes[-1]['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
+
+    probe("before round 1")
+    if probes:
+        print(f"  model: {shape.linear_params() / 1e6:.1f} M linear params, "
               f"{shape.flops_per_token(0) / 1e6:.0f} MFLOP/token + attention", flush=True)
 
     runs: list[dict] = []
     startups: list[dict] = []
     args.out.mkdir(parents=True, exist_ok=True)
 
+    last_round = 0
     for rnd, name in schedule(ready, repeats):
+        if rnd != last_round:
+            probe(f"before round {rnd + 1}")
+            last_round = rnd
         peer = peers[name]
         print(f"[round {rnd + 1}/{repeats}] {name}: starting ({shlex.join(peer.argv)})", flush=True)
         server = Server(peer, url, args.out / f"peers-{name}-round{rnd + 1}.log")
@@ -872,6 +886,23 @@ def main(argv: list[str] | None = None) -> int:
                          "first_request_s": server.first_request_s,
                          "peak_rss_bytes": server.memory.overall, "error": error})
 
+    machine = median_machine(probes) if probes else {}
+    roofs: dict[str, dict[str, float]] = {}
+    roof_detail: dict[str, dict[str, dict]] = {}
+    if machine:
+        gguf_bytes_per_param = gguf.stat().st_size / (shape.linear_params() + shape.hidden * shape.vocab * (0 if shape.tied else 1))
+        for name in ready:
+            p = peers[name]
+            wbytes = {"bfloat16": 2, "float32": 4}.get(p.dtype, gguf_bytes_per_param)
+            kvbytes = {"float32": 4}.get(p.dtype, 2)  # llama.cpp's KV cache is f16
+            roofs[name], roof_detail[name] = {}, {}
+            for w in workloads:
+                batch = max(1, min(w.concurrency, w.requests))
+                r = workload_roof(shape, prompt_lens[w.name], w.prefix_tokens, w.max_tokens, w.concurrency,
+                                  rate_for(machine, p.dtype, batch), rate_for(machine, p.dtype, 512),
+                                  machine["bandwidth_bytes_per_s"], wbytes, kvbytes)
+                roofs[name][w.name] = r["tokens_per_s"]
+                roof_detail[name][w.name] = r
     agg = aggregate(runs, startups)
     table = markdown_table(agg, roofs, [w.name for w in workloads])
     command = shlex.join(["python", "bench/peers.py", *(sys.argv[1:] if argv is None else argv)])
@@ -889,10 +920,12 @@ def main(argv: list[str] | None = None) -> int:
           + (" — **the machine was busy: these figures are not comparable**" if load_start > 0.5 else "")
           + ".", ""]
     if machine:
-        md.append(f"Roof: bf16 matmul {machine['matmul']['bfloat16']['32'] / 1e9:.0f} GFLOP/s and fp32 "
-                  f"{machine['matmul']['float32']['32'] / 1e9:.0f} GFLOP/s at [32 x {shape.hidden}] @ "
-                  f"[{shape.hidden} x {shape.intermediate}], memory read "
-                  f"{machine['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s. Model per decode step: "
+        md.append(f"Roof: the medians of {len(probes)} probe(s) of the machine (one before each round): "
+                  f"bf16 matmul {probe_range(probes, 'bfloat16', '32')}, "
+                  f"{probe_range(probes, 'bfloat16', '64')} and {probe_range(probes, 'bfloat16', '512')} "
+                  f"GFLOP/s at 32, 64 and 512 rows, fp32 {probe_range(probes, 'float32', '32')} GFLOP/s at 32 "
+                  f"([rows x {shape.hidden}] @ [{shape.hidden} x {shape.intermediate}]), memory read "
+                  f"{probe_range(probes, None, '')} GB/s (median, then the range). Model per decode step: "
                   f"{shape.flops_per_token(0) / 1e6:.0f} MFLOP per sequence plus "
                   f"{shape.flops_per_token(1) - shape.flops_per_token(0):.0f} FLOP per token of context; "
                   f"weights read once per step: {shape.weight_bytes(2) / 1e6:.0f} MB in bf16, "
@@ -916,7 +949,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "peers.md").write_text(text)
     (args.out / "peers.json").write_text(json.dumps(
         {"command": command, "load_average_at_start": load_start, "workloads": [asdict(w) for w in workloads], "prompt_tokens": prompt_lens,
-         "cpu": cpu_description(), "machine": machine, "roof_tokens_per_s": roofs, "roof_detail": roof_detail, "settings": settings, "runs": runs,
+         "cpu": cpu_description(), "machine": machine, "machine_probes": probes, "roof_tokens_per_s": roofs, "roof_detail": roof_detail, "settings": settings, "runs": runs,
          "startups": startups, "medians": agg}, indent=2, default=str))
     write_plot(agg, roofs, [w.name for w in workloads], args.out / "peers.png")
     print("\n" + text, flush=True)

@@ -103,6 +103,21 @@ def test_rate_for_picks_nearest_measured_batch_and_best_rate_for_gguf():
     assert peers.rate_for(machine, "q4_1", 600) == 200e9
 
 
+def test_median_machine_takes_each_rate_and_the_bandwidth_median_of_the_probes():
+    def probe(bf16_64: float, fp32_64: float, bw: float) -> dict:
+        return {"threads": 2, "matmul": {"bfloat16": {"1": 1e9, "64": bf16_64}, "float32": {"1": 1e9, "64": fp32_64}},
+                "bandwidth_bytes_per_s": bw}
+
+    probes = [probe(300e9, 150e9, 30e9), probe(380e9, 120e9, 34e9), probe(340e9, 160e9, 29e9)]
+    m = peers.median_machine(probes)
+    assert m["matmul"]["bfloat16"]["64"] == 340e9 and m["matmul"]["float32"]["64"] == 150e9
+    assert m["bandwidth_bytes_per_s"] == 30e9 and m["probes"] == 3
+    assert peers.rate_for(m, "bfloat16", 60) == 340e9
+    assert peers.probe_range(probes, "bfloat16", "64") == "340 (300-380)"
+    assert peers.probe_range(probes, None, "") == "30.0 (29.0-34.0)"
+    assert peers.probe_range(probes[:1], "bfloat16", "64") == "300"
+
+
 def test_schedule_alternates_servers_round_by_round():
     order = peers.schedule(["kiln", "vllm", "llamacpp"], 3)
     assert order[:4] == [(0, "kiln"), (0, "vllm"), (0, "llamacpp"), (1, "kiln")]
