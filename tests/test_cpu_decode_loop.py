@@ -74,6 +74,19 @@ def test_decode_loop_is_bit_identical_to_the_modules(monkeypatch, loop_calls, dt
     assert got == want
 
 
+def test_decode_loop_of_many_sequences_is_bit_identical_to_the_modules(monkeypatch, loop_calls):
+    """From 16 sequences the loop queues each layer's KV blocks for the linears before its
+    attention to prefetch (cpu/side_prefetch.h): still the modules' bits, steps of 19 and 20
+    sequences (bf16 rows past one run the AVX-512 / AMX multi-row linears in both paths)."""
+    config = EngineConfig(dtype="bfloat16", kv_cache_bytes=64 << 20, max_num_seqs=32)
+    monkeypatch.setenv("KILN_CPU_DECODE_LOOP", "0")
+    want = _run(config, 20)
+    monkeypatch.setenv("KILN_CPU_DECODE_LOOP", "1")
+    got = _run(config, 20)
+    assert {19, 20} <= set(loop_calls)
+    assert got == want
+
+
 @pytest.fixture(scope="module")
 def rtn_folder(tmp_path_factory):
     """The default model with round-to-nearest 4-bit g128 weights, saved in GPTQ format."""
