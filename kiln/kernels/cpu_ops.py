@@ -1,6 +1,6 @@
 """kiln's C++ kernels for the CPU, built once per machine: decode and prefill attention over the
 paged cache (cpu/paged_decode.cpp, cpu/paged_prefill.cpp), the fused RMSNorm, RoPE and SwiGLU (cpu/fused.cpp), the
-batched LoRA term of decode rows (cpu/lora.cpp), the one-row bfloat16 linear
+batched LoRA term of decode rows (cpu/lora.cpp), the bfloat16 linear of 1-64 rows
 (cpu/gemv.cpp), the loop over a pure-decode step's layers that issues them from C++
 (cpu/decode_step.cpp), the sampler's row-wise argmax (cpu/argmax.cpp) and greedy decoding's
 LM head read from an int8 screen (cpu/greedy_head.cpp).
@@ -150,7 +150,8 @@ def gemv_bf16_supported() -> bool:
 
 
 def gemv_bf16_max_rows() -> int:
-    """Rows up to which gemv_bf16 beats oneDNN here: 64 where AMX runs its tile path, else 1."""
+    """Rows up to which gemv_bf16 beats oneDNN here: 64 wherever it runs (AMX tiles, or AVX512-BF16
+    passes of 6 rows), else 1."""
     return int(torch.ops.kiln_cpu.gemv_bf16_max_rows())
 
 
@@ -160,8 +161,9 @@ def pack_gemv_bf16(weight: torch.Tensor) -> torch.Tensor:
 
 
 def gemv_bf16(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """x [M, K] bfloat16 @ W^T -> [M, N]: one row by AVX512-BF16 dots; 2-64 rows (K a multiple
-    of 32) by AMX tiles where the CPU has them; else each row streams the weight again."""
+    """x [M, K] bfloat16 @ W^T -> [M, N]: one row by AVX512-BF16 dots; 2-64 rows by AMX tiles
+    where the CPU has them (K a multiple of 32), else by AVX512-BF16 dots in passes of 6 rows
+    that round each output as one row does; past 64 rows each row streams the weight again."""
     return torch.ops.kiln_cpu.gemv_bf16(x, packed)
 
 

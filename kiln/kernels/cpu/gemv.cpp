@@ -1,11 +1,12 @@
-// bfloat16 y = x W^T for one row of x (a single sequence's decode step), for the CPU.
+// bfloat16 y = x W^T for the 1-64 rows of a decode step, for the CPU.
 //
-// oneDNN's AMX kernels are built for many rows; at one row a linear only streams its weight,
-// and oneDNN reads it at ~23-34 GB/s here. This kernel keeps a copy of the weight in a layout
-// made for that stream: blocks of 16 output rows, each block's columns in pairs
-// ([N/16, K/2, 16, 2]), so one 64-byte line holds one column pair of 16 outputs and one
-// AVX512-BF16 dot instruction consumes it against the broadcast pair of x: no horizontal sums,
-// one sequential read per block. Sums are float32, rounded to bfloat16 once.
+// oneDNN's kernels are built for many rows; at one row a linear only streams its weight, and
+// oneDNN reads it at ~23-34 GB/s here. This kernel keeps a copy of the weight in a layout made
+// for that stream: blocks of 16 output rows, each block's columns in pairs ([N/16, K/2, 16, 2]),
+// so one 64-byte line holds one column pair of 16 outputs and one AVX512-BF16 dot instruction
+// consumes it against the broadcast pair of x: no horizontal sums, one sequential read per
+// block. Sums are float32, rounded to bfloat16 once. 2-64 rows read the same copy: as AMX
+// tiles where the CPU has them, else in AVX512-BF16 passes of 6 rows (below).
 // Registered as torch.ops.kiln_cpu.gemv_bf16 / pack_gemv_bf16 / gemv_bf16_supported.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -32,6 +33,7 @@ using kiln::gemv_block;
 // Blocks a thread claims at a time (kiln::parallel_claims): small enough that a thread left
 // running takes over most of a preempted one's share, large enough that claiming costs nothing.
 constexpr int64_t kTaskBlocks = 4;
+constexpr int64_t kAvxMaxRows = 64;  // rows up to which gemv_bf16 runs AVX512-BF16 passes (no AMX)
 
 bool gemv_bf16_supported() { return KILN_GEMV; }
 
@@ -260,7 +262,6 @@ void with_row_tiles(int64_t M, F&& f) {
 // is summed exactly as gemv_block sums it (even column pairs, odd column pairs, then the two), so
 // a row's bits do not depend on how many rows it is computed with.
 constexpr int kAvxRows = 6;  // rows a pass: 6 x 2 blocks x (even, odd) = 24 float32 accumulators
-constexpr int64_t kAvxMaxRows = 64;  // rows up to which gemv_bf16 takes this path
 
 // sum[r][j] = x row r . block j, for R rows (row stride xs) and NB blocks at w[j] ([K/2, 16, 2]).
 // next[j] (or nullptr): the blocks to compute after these, asked for into L2 a line of each a

@@ -13,10 +13,6 @@
 #include <cstdint>
 #include <vector>
 
-#if defined(__SSE__)
-#include <immintrin.h>
-#endif
-
 namespace kiln {
 
 struct SideRange {

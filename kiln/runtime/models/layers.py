@@ -24,8 +24,9 @@ class RMSNorm(nn.Module):
 
 
 # Rows up to which a linear with a copy of its weight for kiln_cpu::gemv_bf16 (Linear.gemv)
-# uses it by default: one row (AVX512-BF16 dots). Where AMX runs the same copy at several rows,
-# the backend raises each linear's own limit (Linear.gemv_rows; bench/RESULTS.md).
+# uses it by default: one row (AVX512-BF16 dots). Where the kernel runs the same copy at several
+# rows (AMX tiles, or AVX512-BF16 passes of 6 rows), the backend raises each linear's own limit
+# (Linear.gemv_rows, from kiln_cpu::gemv_bf16_max_rows; bench/RESULTS.md).
 GEMV_MAX_ROWS = 1
 # Rows up to which Linear.greedy_argmax reads the int8 screen (kiln_cpu::greedy_head_bf16 takes up
 # to 64). Past 16 rows its tile products and the blocks it recomputes cost about what they save,
