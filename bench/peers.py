@@ -30,7 +30,8 @@ generates the same number of tokens for the same prompts; the table says when on
 
 Roof: the harness measures this machine's bf16 and fp32 matmul rate at the model's decode
 shapes ([B x hidden] @ [hidden x intermediate]) and at a prefill shape, and its memory read
-bandwidth, counts the model's FLOPs and bytes per decode step from its config.json, and
+bandwidth, before every round with the servers stopped (the roof uses the medians of these
+probes: on a shared VM they move by ~15 % over minutes, as the servers' figures do), counts the model's FLOPs and bytes per decode step from its config.json, and
 prints each server's throughput as a share of the workload's roof: the time the workload
 would take if every prefill ran at the measured matmul rate and every decode step at
 max(FLOPs / rate, bytes / bandwidth), shared prefixes counted once.
@@ -772,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="extra command-line arguments for one server (repeatable)")
     ap.add_argument("--port", type=int, default=0, help="loopback port for the servers [default: a free one]")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-roof", action="store_true", help="skip the machine measurement")
+    ap.add_argument("--no-roof", action="store_true", help="skip the machine measurements (one before every round)")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder [default: bench/results]")
     args = ap.parse_args(argv)
     args.server_args = parse_server_args(args.server_args)
