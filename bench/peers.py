@@ -31,10 +31,11 @@ generates the same number of tokens for the same prompts; the table says when on
 Roof: the harness measures this machine's bf16 and fp32 matmul rate at the model's decode
 shapes ([B x hidden] @ [hidden x intermediate]) and at a prefill shape, and its memory read
 bandwidth, before every round with the servers stopped (the roof uses the medians of these
-probes: on a shared VM they move by ~15 % over minutes, as the servers' figures do), counts the model's FLOPs and bytes per decode step from its config.json, and
-prints each server's throughput as a share of the workload's roof: the time the workload
-would take if every prefill ran at the measured matmul rate and every decode step at
-max(FLOPs / rate, bytes / bandwidth), shared prefixes counted once.
+probes: on a shared VM they move by ~15 % over minutes, as the servers' figures do), counts
+the model's FLOPs and bytes per decode step from its config.json, and prints each server's
+throughput as a share of the workload's roof: the time the workload would take if every
+prefill ran at the measured matmul rate and every decode step at max(FLOPs / rate,
+bytes / bandwidth), shared prefixes counted once.
 
 Output: bench/results/peers.json, bench/results/peers.md and bench/results/peers.png; the
 markdown table is printed for bench/RESULTS.md.

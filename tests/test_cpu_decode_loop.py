@@ -75,9 +75,8 @@ def test_decode_loop_is_bit_identical_to_the_modules(monkeypatch, loop_calls, dt
 
 
 def test_decode_loop_of_many_sequences_is_bit_identical_to_the_modules(monkeypatch, loop_calls):
-    """From 16 sequences the loop queues each layer's KV blocks for the linears before its
-    attention to prefetch (cpu/side_prefetch.h): still the modules' bits, steps of 19 and 20
-    sequences (bf16 rows past one run the AVX-512 / AMX multi-row linears in both paths)."""
+    """Steps of 19 and 20 sequences: bf16 rows past one run the multi-row linears (AVX-512
+    passes, or AMX tiles) in both paths, and the loop must still give the modules' bits."""
     config = EngineConfig(dtype="bfloat16", kv_cache_bytes=64 << 20, max_num_seqs=32)
     monkeypatch.setenv("KILN_CPU_DECODE_LOOP", "0")
     want = _run(config, 20)

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 _DIR = Path(__file__).with_name("cpu")
 SOURCES = (_DIR / "paged_decode.cpp", _DIR / "fused.cpp", _DIR / "lora.cpp", _DIR / "decode_step.cpp",
            _DIR / "gemv.cpp", _DIR / "argmax.cpp", _DIR / "paged_prefill.cpp", _DIR / "greedy_head.cpp")
-_HEADERS = (_DIR / "vec.h", _DIR / "amx.h", _DIR / "parallel.h", _DIR / "gemv.h", _DIR / "side_prefetch.h")
+_HEADERS = (_DIR / "vec.h", _DIR / "amx.h", _DIR / "parallel.h", _DIR / "gemv.h")
 _lock = threading.Lock()
 _loaded: dict[Path, bool] = {}
 

@@ -12,15 +12,11 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <string_view>
 #include <vector>
-
-#include "side_prefetch.h"
 
 namespace {
 
@@ -180,42 +176,8 @@ at::Tensor decode_layers(const at::Tensor& h, const at::Tensor& positions, const
     return LinearRef{kinds[2 * j], kinds[2 * j + 1], &linears[3 * j], &linears[3 * j + 1], &linears[3 * j + 2]};
   };
 
-  // Layer l's KV blocks of every sequence, for the linears before its attention to prefetch
-  // (side_prefetch.h): bf16 and float32 caches, tables [T, blocks] int64. From 16 sequences:
-  // at 8 the linears read their weights at ~14 GB/s and a layer's KV (under a megabyte) is no
-  // help to fetch early (AMD EPYC: 64 sequences 60 -> 56 ms a step, 32: 31 -> 30, 8: even).
-  static const bool side_on = [] {  // KILN_CPU_SIDE_PREFETCH=0 turns it off (for measuring it)
-    const char* v = std::getenv("KILN_CPU_SIDE_PREFETCH");
-    return v == nullptr || std::string_view(v) != "0";
-  }();
-  const bool side = side_on && T >= 16 && tables.scalar_type() == at::kLong && tables.is_contiguous() && lens.scalar_type() == at::kLong &&
-                    lens.is_contiguous() && tables.size(0) == T && lens.numel() == T;
-  const int64_t slot_bytes = kv.stride(2) * kv.element_size(), n_slots = kv.size(2);
-  auto queue_layer = [&](int64_t l) {
-    if (!side) return;
-    std::vector<kiln::SideRange> ranges;
-    const int64_t* tbl = tables.const_data_ptr<int64_t>();
-    const int64_t* len = lens.const_data_ptr<int64_t>();
-    const int64_t max_blocks = tables.size(1);
-    for (int kvi = 0; kvi < 2; ++kvi) {
-      const char* base = static_cast<const char*>(kv.const_data_ptr()) + (l * 2 + kvi) * n_slots * slot_bytes;
-      for (int64_t b = 0; b < T; ++b)
-        for (int64_t j = 0; j < std::min(max_blocks, (len[b] + block_size - 1) / block_size); ++j) {
-          const int64_t block = tbl[b * max_blocks + j];
-          if (block < 0 || (block + 1) * block_size > n_slots) continue;  // not ours to check here
-          ranges.push_back({base + block * block_size * slot_bytes,
-                            std::min(block_size, len[b] - j * block_size) * slot_bytes});
-        }
-    }
-    kiln::side_prefetch_set(std::move(ranges));
-  };
-  struct ClearQueue {  // whatever way this returns, the queue must not outlive the step
-    ~ClearQueue() { kiln::side_prefetch_clear(); }
-  } clear_queue;
-
   at::Tensor residual = h.clone();
   at::Tensor x = rms_norm(residual, norms[0], eps);
-  queue_layer(0);
   for (int64_t l = 0; l < L; ++l) {
     // Attention: fused qkv, RoPE on q and k, the new K/V into the cache, paged decode, o.
     const at::Tensor qkv = run_linear(ref(l, 0), x);
@@ -229,11 +191,6 @@ at::Tensor decode_layers(const at::Tensor& h, const at::Tensor& positions, const
     write_cache(v_cache, v, slots, T);
     const at::Tensor attn = paged_decode(qr.view({T, num_kv_heads, G, head_dim}), k_cache, v_cache, tables, lens,
                                          block_size, scale);
-    if (l + 1 < L) {
-      queue_layer(l + 1);
-    } else {
-      kiln::side_prefetch_clear();  // the LM head after the loop: nothing of ours to fetch
-    }
     x = add_rms_norm(residual, run_linear(ref(l, 1), attn.view({T, q_size})), norms[2 * l + 1], eps);
     // MLP: fused gate/up, SwiGLU, down; its sum feeds the next layer's input norm.
     const at::Tensor mlp = run_linear(ref(l, 3), swiglu(ref(l, 2), x));

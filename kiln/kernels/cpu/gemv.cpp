@@ -21,7 +21,6 @@
 #include "amx.h"
 #include "gemv.h"
 #include "parallel.h"
-#include "side_prefetch.h"
 #include "vec.h"
 
 namespace {
@@ -269,7 +268,7 @@ constexpr int kAvxRows = 6;  // rows a pass: 6 x 2 blocks x (even, odd) = 24 flo
 template <int R, int NB>
 inline __attribute__((always_inline)) void rows_dot(const uint16_t* x, int64_t xs, const uint16_t* const* w,
                                                     int64_t K, const uint16_t* const* next, int64_t& pf,
-                                                    int64_t pf_end, kiln::SideCursor& side, __m512 (&sum)[R][NB]) {
+                                                    int64_t pf_end, __m512 (&sum)[R][NB]) {
   __m512 even[R][NB], odd[R][NB];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < NB; ++j) even[r][j] = odd[r][j] = _mm512_setzero_ps();
@@ -278,19 +277,12 @@ inline __attribute__((always_inline)) void rows_dot(const uint16_t* x, int64_t x
     std::memcpy(&v, x + r * xs + 2 * p, 4);
     return (__m512bh)_mm512_set1_epi32(v);
   };
-  side.refill();
-  const char* side_at = side.at;
-  const char* const side_end = side.end;
   const int64_t pairs = K / 2;
   int64_t p = 0;
   for (; p + 2 <= pairs; p += 2) {
     if (pf < pf_end) {
       for (int j = 0; j < NB; ++j) _mm_prefetch(reinterpret_cast<const char*>(next[j]) + pf, _MM_HINT_T1);
       pf += 64;
-    }
-    if (side_at < side_end) {  // the next attention's KV blocks (side_prefetch.h), if queued
-      _mm_prefetch(side_at, _MM_HINT_T2);
-      side_at += 64;
     }
     __m512bh we[NB], wo[NB];
     for (int j = 0; j < NB; ++j) {
@@ -311,7 +303,6 @@ inline __attribute__((always_inline)) void rows_dot(const uint16_t* x, int64_t x
       for (int j = 0; j < NB; ++j) even[r][j] = _mm512_dpbf16_ps(even[r][j], (__m512bh)_mm512_loadu_si512(w[j] + p * 32), xe);
     }
   }
-  side.at = side_at;
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < NB; ++j) sum[r][j] = _mm512_add_ps(even[r][j], odd[r][j]);
 }
@@ -333,14 +324,14 @@ inline void with_rows(int64_t R, F&& f) {
 // at the end), then epilogue(r0, sum) for each pass of rows r0 ...
 template <int NB, typename Epilogue>
 void blocks_avx(const uint16_t* x, int64_t xs, int64_t M, int64_t K, const uint16_t* const* w,
-                const uint16_t* const* next, kiln::SideCursor& side, Epilogue&& epilogue) {
+                const uint16_t* const* next, Epilogue&& epilogue) {
   int64_t pf = 0;
   const int64_t pf_end = next[0] == nullptr ? 0 : K * kBlock * int64_t(sizeof(uint16_t));
   for (int64_t r0 = 0; r0 < M; r0 += kAvxRows) {
     with_rows(std::min<int64_t>(kAvxRows, M - r0), [&](auto rows) {
       constexpr int R = decltype(rows)::value;
       __m512 sum[R][NB];
-      rows_dot<R, NB>(x + r0 * xs, xs, w, K, next, pf, pf_end, side, sum);
+      rows_dot<R, NB>(x + r0 * xs, xs, w, K, next, pf, pf_end, sum);
       epilogue(r0, sum);
     });
   }
@@ -350,7 +341,6 @@ void blocks_avx(const uint16_t* x, int64_t xs, int64_t M, int64_t K, const uint1
 void gemm_avx(const uint16_t* x, int64_t xs, const uint16_t* w, int64_t M, int64_t K, int64_t blocks, uint16_t* y) {
   const int64_t N = blocks * kBlock, block = K * kBlock;
   kiln::parallel_claims((blocks + 1) / 2, [&](auto claim) {
-    kiln::SideCursor side;
     for (int64_t task; (task = claim()) >= 0;) {
       const int64_t b = 2 * task;
       const uint16_t* wb[2] = {w + b * block, w + (b + 1) * block};
@@ -365,9 +355,9 @@ void gemm_avx(const uint16_t* x, int64_t xs, const uint16_t* w, int64_t M, int64
                                 (__m256i)_mm512_cvtneps_pbh(sum[r][j]));
       };
       if (b + 1 < blocks)
-        blocks_avx<2>(x, xs, M, K, wb, next, side, store);
+        blocks_avx<2>(x, xs, M, K, wb, next, store);
       else
-        blocks_avx<1>(x, xs, M, K, wb, next, side, store);
+        blocks_avx<1>(x, xs, M, K, wb, next, store);
     }
   });
 }
@@ -381,11 +371,10 @@ void gemm_silu_avx(const uint16_t* x, int64_t xs, const uint16_t* w, int64_t M, 
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
   };
   kiln::parallel_claims(half, [&](auto claim) {
-    kiln::SideCursor side;
     for (int64_t b; (b = claim()) >= 0;) {
       const uint16_t* wb[2] = {w + b * block, w + (b + half) * block};
       const uint16_t* next[2] = {b + 1 < half ? w + (b + 1) * block : nullptr, w + (b + 1 + half) * block};
-      blocks_avx<2>(x, xs, M, K, wb, next, side, [&](int64_t r0, auto& sum) {
+      blocks_avx<2>(x, xs, M, K, wb, next, [&](int64_t r0, auto& sum) {
         constexpr int R = std::extent_v<std::remove_reference_t<decltype(sum)>>;
         for (int r = 0; r < R; ++r)
           kiln::f32x16_to_bf16(kiln::silu_mul512(as_bf16(sum[r][0]), as_bf16(sum[r][1])), y + (r0 + r) * I + b * kBlock);
